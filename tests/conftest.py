@@ -1,0 +1,40 @@
+"""Shared test helpers: where the parity fixtures live, and how a missing one is treated."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir() -> Path:
+    """`$VRTSPIKE_FIXTURES`, else `../shared/fixtures` beside the checkout."""
+    env = os.environ.get("VRTSPIKE_FIXTURES")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "fixtures")
+
+
+def _running_in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def load_fixture():
+    """Returns a loader `load_fixture(name) -> np.lib.npyio.NpzFile`.
+
+    A missing fixture skips the test locally and fails it under CI (CI=true).
+    """
+    cache = {}
+
+    def _load(name: str):
+        path = fixtures_dir() / name
+        if not path.exists():
+            msg = f"parity fixture {path} not found (set VRTSPIKE_FIXTURES to the fixtures folder)"
+            if _running_in_ci():
+                pytest.fail(msg)
+            pytest.skip(msg)
+        if name not in cache:
+            cache[name] = np.load(path)
+        return cache[name]
+
+    return _load
