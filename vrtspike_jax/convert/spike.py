@@ -49,7 +49,7 @@ def _setter(variable: nnx.Variable, transform: Callable[[np.ndarray], np.ndarray
         value = np.asarray(transform(np.asarray(array)))
         if value.shape != tuple(variable.shape):  # guarded by torch_shape; kept as a safety net
             raise ValueError(f"internal: converted shape {value.shape} != parameter shape {variable.shape}")
-        variable[...] = jnp.asarray(value, dtype=variable.dtype)
+        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
 
     return assign
 
@@ -150,7 +150,8 @@ def load_torch_state(module: nnx.Module, state: Mapping[str, np.ndarray], prefix
 
     Args:
       module: a SpikeEncoder3D, SpikeTemporalSABlock, SpikeTemporalSA, TemporalCrossAttnFuse or
-        MultiScaleTemporalCrossAttnFuse.
+        MultiScaleTemporalCrossAttnFuse; it may be abstract (built under `nnx.eval_shape`), which skips
+        the random initialisation.
       state: name -> array in PyTorch layout (a torch state_dict converted to numpy, or an `np.load`ed .npz).
       prefix: prepended to every S-VRT key, e.g. "spike_encoder." or "param/encoder/"; keys not starting
         with it are ignored, keys starting with it must all be used.
