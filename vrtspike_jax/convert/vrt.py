@@ -1,0 +1,351 @@
+"""Official PyTorch VRT state_dict -> our Flax NNX VRT.
+
+The official names (models/network_vrt.py) are mapped one to one onto our parameters, with the layout changes:
+Linear (out, in) -> kernel (in, out); Conv2d (O, I, kh, kw) and per-frame Conv3d (O, I, 1, kh, kw) -> HWIO;
+LayerNorm weight -> scale; the DCN weight keeps the PyTorch layout. Every official parameter must be used exactly
+once and every parameter of ours filled; buffers that are pure functions of the configuration
+(relative_position_index, position_bias, SpyNet's mean/std) may be absent and are checked when present.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vrtspike_jax.models.vrt import VRT, VRTConfig, config_from_official_kwargs
+from vrtspike_jax.models.vrt.attention import relative_position_index, sine_position_encoding
+from vrtspike_jax.models.vrt.spynet import IMAGENET_MEAN, IMAGENET_STD
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded into the configured model (names the file and the key)."""
+
+
+BUFFER_SUFFIXES = ("relative_position_index", "position_bias")
+SPYNET_BUFFERS = ("spynet.mean", "spynet.std")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading files
+
+def read_state_dict(path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Reads an official VRT state_dict from `.npz` or `.pth`; returns (params, buffers) as NumPy arrays.
+
+    `.npz`: keys are official names, or official names behind a `param/` / `buffer/` prefix (as in
+    ../shared/fixtures); with prefixes present, other keys (inputs, outputs, metadata) are ignored.
+    `.pth`: a torch file holding the dict directly or under 'params' / 'params_ema' / 'state_dict' (needs torch).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            archive = np.load(path, allow_pickle=False)
+            keys = list(archive.keys())
+        except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError
+            raise CheckpointError(f"{path}: not a readable .npz archive ({exc})") from exc
+        prefixed = any(k.startswith(("param/", "buffer/")) for k in keys)
+        params, buffers = {}, {}
+        for key in keys:
+            if prefixed:
+                if key.startswith("param/"):
+                    params[key[len("param/"):]] = np.asarray(archive[key])
+                elif key.startswith("buffer/"):
+                    buffers[key[len("buffer/"):]] = np.asarray(archive[key])
+            else:
+                (buffers if _is_buffer_name(key) else params)[key] = np.asarray(archive[key])
+        return params, buffers
+    if suffix in (".pth", ".pt", ".ckpt"):
+        try:
+            import torch  # noqa: F401  (optional dependency)
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{path}: reading a PyTorch checkpoint needs torch, which is not installed. Install torch, or "
+                f"convert the file to .npz on a machine that has it (np.savez(out, **{{k: v.numpy() for k, v in "
+                f"state_dict.items()}})).") from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: torch.load failed ({exc})") from exc
+        if isinstance(obj, Mapping):
+            for wrapper in ("params", "params_ema", "state_dict"):
+                if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                    obj = obj[wrapper]
+                    break
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}")
+        params, buffers = {}, {}
+        for key, value in obj.items():
+            if not hasattr(value, "detach"):
+                raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
+            arr = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+            key = key[len("module."):] if key.startswith("module.") else key
+            (buffers if _is_buffer_name(key) else params)[key] = arr
+        return params, buffers
+    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r}; expected .npz or .pth")
+
+
+def _is_buffer_name(key: str) -> bool:
+    return key.endswith(BUFFER_SUFFIXES) or key in SPYNET_BUFFERS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Name mapping
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _linear(w):
+    return np.ascontiguousarray(w.T)
+
+
+def _conv(w):
+    if w.ndim == 5:  # Conv3d with kernel (1, kh, kw): a per-frame 2-D conv
+        if w.shape[2] != 1:
+            raise ValueError(f"expected a Conv3d with temporal kernel 1, got weight shape {w.shape}")
+        w = w[:, :, 0]
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def _same(w):
+    return w
+
+
+def _map_leaf(module_kind: str, pname: str) -> Tuple[str, Transform]:
+    if module_kind == "norm":
+        return {"weight": "scale", "bias": "bias"}[pname], _same
+    if module_kind == "linear":
+        return {"weight": "kernel", "bias": "bias"}[pname], (_linear if pname == "weight" else _same)
+    if module_kind == "conv":
+        return {"weight": "kernel", "bias": "bias"}[pname], (_conv if pname == "weight" else _same)
+    raise KeyError(module_kind)
+
+
+def official_key_to_path(key: str, config: VRTConfig) -> Optional[Tuple[tuple, Transform]]:
+    """Our parameter path and layout transform for an official parameter name, or None if it has no counterpart."""
+    parts = key.split(".")
+    pname = parts[-1]
+    mod = parts[:-1]
+
+    def leaf(prefix: tuple, kind: str):
+        name, fn = _map_leaf(kind, pname)
+        return prefix + (name,), fn
+
+    try:
+        if mod == ["conv_first"] or mod == ["conv_last"]:
+            return leaf((mod[0],), "conv")
+        if mod == ["conv_before_upsample", "0"]:
+            return leaf(("conv_before_upsample",), "conv")
+        if len(mod) == 2 and mod[0] == "upsample":
+            idx = int(mod[1])
+            n_convs = 1 if config.upscale == 3 else int(np.log2(config.upscale))
+            if idx % 5 or idx // 5 > n_convs:
+                return None
+            if idx // 5 == n_convs:
+                return leaf(("upsample", "conv_out"), "conv")
+            return leaf(("upsample", "convs", idx // 5), "conv")
+        if mod == ["norm"]:
+            return leaf(("norm",), "norm")
+        if mod == ["conv_after_body"]:
+            return leaf(("conv_after_body",), "linear")
+        m = re.fullmatch(r"spynet\.basic_module\.(\d)\.basic_module\.(\d)", ".".join(mod))
+        if m:
+            level, idx = int(m.group(1)), int(m.group(2))
+            if idx % 2:
+                return None
+            return leaf(("spynet", "basic_module", level, "convs", idx // 2), "conv")
+        if mod[0].startswith("stage") and mod[0] != "stage8":
+            s = int(mod[0][len("stage"):]) - 1
+            base = ("stages", s)
+            rest = mod[1:]
+            if rest == ["reshape", "1"]:
+                return leaf(base + ("reshape_norm",), "norm")
+            if rest == ["reshape", "2"]:
+                return leaf(base + ("reshape_linear",), "linear")
+            if rest in (["linear1"], ["linear2"]):
+                return leaf(base + (rest[0],), "linear")
+            if rest[0] in ("residual_group1", "residual_group2"):
+                return _map_block(base + (rest[0],), rest[1:], pname)
+            if rest == ["pa_deform"]:
+                return base + ("pa_deform", pname), _same
+            if len(rest) == 3 and rest[:2] == ["pa_deform", "conv_offset"]:
+                idx = int(rest[2])
+                if idx % 2:
+                    return None
+                return leaf(base + ("pa_deform", "conv_offset", idx // 2), "conv")
+            if len(rest) == 2 and rest[0] == "pa_fuse":
+                return leaf(base + ("pa_fuse", rest[1]), "linear")
+            return None
+        if mod[0] == "stage8":
+            j = int(mod[1])
+            if j == 0:
+                if mod[2:] == ["1"]:
+                    return leaf(("stage8_norm",), "norm")
+                if mod[2:] == ["2"]:
+                    return leaf(("stage8_linear",), "linear")
+                return None
+            base = ("stage8", j - 1)
+            if mod[2:] == ["linear"]:
+                return leaf(base + ("linear",), "linear")
+            if mod[2] == "residual_group":
+                return _map_block(base + ("residual_group",), mod[3:], pname)
+        return None
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+def _map_block(group: tuple, rest, pname: str):
+    """rest = ['blocks', b, <submodule...>] inside a TMSAG."""
+    if len(rest) < 3 or rest[0] != "blocks":
+        return None
+    base = group + ("blocks", int(rest[1]))
+    sub = rest[2:]
+    if sub in (["norm1"], ["norm2"]):
+        name, fn = _map_leaf("norm", pname)
+        return base + (sub[0], name), fn
+    if sub == ["attn"] and pname == "relative_position_bias_table":
+        return base + ("attn", pname), _same
+    if len(sub) == 2 and sub[0] == "attn" and sub[1] in ("qkv_self", "qkv_mut", "proj"):
+        name, fn = _map_leaf("linear", pname)
+        return base + ("attn", sub[1], name), fn
+    if len(sub) == 2 and sub[0] == "mlp" and sub[1] in ("fc11", "fc12", "fc2"):
+        name, fn = _map_leaf("linear", pname)
+        return base + ("mlp", sub[1], name), fn
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+def _model_params(model) -> Dict[tuple, nnx.Param]:
+    return {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+
+
+def _expected_buffer(key: str, model: VRT) -> Optional[np.ndarray]:
+    """Our value of an official buffer (they are pure functions of the configuration)."""
+    if key == "spynet.mean":
+        return IMAGENET_MEAN.reshape(1, 3, 1, 1)
+    if key == "spynet.std":
+        return IMAGENET_STD.reshape(1, 3, 1, 1)
+    attn_key = key.rsplit(".", 1)[0]
+    path = official_key_to_path(attn_key + ".relative_position_bias_table", model.config)
+    if path is None:
+        return None
+    node = model
+    for p in path[0][:-1]:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    if key.endswith("relative_position_index"):
+        return relative_position_index(node.window_size)
+    if key.endswith("position_bias"):
+        if not node.mut_attn:
+            return None
+        return sine_position_encoding(node.window_size[1:], node.dim // 2)
+    return None
+
+
+def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray],
+                         source: str = "state_dict") -> VRT:
+    """Fills every parameter of `model` from official `params`; checks `buffers`. Raises CheckpointError naming
+    the file (`source`) and each missing, extra or mis-shaped key."""
+    ours = _model_params(model)
+    filled = {}
+    problems = []
+    for key, value in params.items():
+        mapped = official_key_to_path(key, model.config)
+        if mapped is None or mapped[0] not in ours:
+            problems.append(f"unexpected key {key!r} {tuple(value.shape)} (no such parameter in the configured VRT)")
+            continue
+        path, fn = mapped
+        try:
+            array = fn(np.asarray(value, np.float32))
+        except ValueError as exc:
+            problems.append(f"key {key!r}: {exc}")
+            continue
+        target = ours[path]
+        if array.shape != tuple(target.shape):
+            problems.append(f"key {key!r} has shape {tuple(value.shape)}; the configured VRT expects "
+                            f"{_official_shape(tuple(target.shape), fn)}")
+            continue
+        if path in filled:
+            problems.append(f"key {key!r} fills {'.'.join(map(str, path))}, already filled by {filled[path]!r}")
+            continue
+        filled[path] = key
+        target.value = jnp.asarray(array, target.value.dtype)
+    missing = [".".join(map(str, p)) for p in ours if p not in filled]
+    if missing:
+        official = [_path_to_official(p) for p in sorted(missing)]
+        problems.append(f"missing {len(missing)} parameter(s): " + ", ".join(official[:20]) +
+                        (" ..." if len(official) > 20 else ""))
+    for key, value in buffers.items():
+        expected = _expected_buffer(key, model)
+        if expected is None:
+            problems.append(f"unexpected buffer {key!r} {tuple(np.shape(value))}")
+            continue
+        value = np.asarray(value)
+        if value.shape != expected.shape:
+            problems.append(f"buffer {key!r} has shape {value.shape}, expected {expected.shape}")
+        elif np.issubdtype(expected.dtype, np.integer):
+            if not np.array_equal(value, expected):
+                problems.append(f"buffer {key!r} differs from the relative position index of its window")
+        elif not np.allclose(value, expected, rtol=1e-5, atol=1e-6):
+            problems.append(f"buffer {key!r} differs from the value the configuration implies "
+                            f"(max |diff| {np.abs(value - expected).max():.3g})")
+    if problems:
+        raise CheckpointError(f"{source}: cannot load into VRT({_short(model.config)}):\n  " + "\n  ".join(problems))
+    return model
+
+
+def _official_shape(our_shape, fn):
+    if fn is _linear:
+        return our_shape[::-1]
+    if fn is _conv:
+        kh, kw, i, o = our_shape
+        return (o, i, kh, kw)
+    return our_shape
+
+
+def _path_to_official(path: str) -> str:
+    p = path.split(".")
+    out = []
+    i = 0
+    while i < len(p):
+        tok = p[i]
+        if tok == "stages":
+            out.append(f"stage{int(p[i + 1]) + 1}")
+            i += 2
+            continue
+        if tok == "stage8" and i + 1 < len(p) and p[i + 1].isdigit():
+            out.append(f"stage8.{int(p[i + 1]) + 1}")
+            i += 2
+            continue
+        out.append({"stage8_norm": "stage8.0.1", "stage8_linear": "stage8.0.2", "reshape_norm": "reshape.1",
+                    "reshape_linear": "reshape.2", "kernel": "weight", "scale": "weight"}.get(tok, tok))
+        i += 1
+    return ".".join(out)
+
+
+def _short(config: VRTConfig) -> str:
+    return (f"embed_dims={list(config.embed_dims)}, depths={list(config.depths)}, "
+            f"deformable_groups={config.deformable_groups}, upscale={config.upscale}")
+
+
+def load_official_vrt(path, config: Optional[VRTConfig] = None, seed: int = 0, **official_kwargs) -> VRT:
+    """Our VRT with the official weights from `path` (.npz of state_dict names, or .pth when torch is installed).
+
+    The architecture comes from `config`, or from the official constructor keywords (e.g. the values in
+    main_test_vrt.py for the task; official defaults otherwise). The model is called on [N, D, H, W, 3] float32
+    frames in [0, 1] (RGB) and returns the restored frames in the same layout.
+    """
+    if config is None:
+        config = config_from_official_kwargs(**official_kwargs)
+    elif official_kwargs:
+        raise TypeError("give either config or official keyword arguments, not both")
+    params, buffers = read_state_dict(path)
+    model = VRT(config, rngs=nnx.Rngs(seed))
+    return load_state_dict_into(model, params, buffers, source=os.fspath(path))

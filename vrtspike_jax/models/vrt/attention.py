@@ -1,0 +1,359 @@
+"""Temporal mutual self attention of VRT: windows, masks, relative position bias, TMSA blocks and groups.
+
+Layout: features are channels-last [B, D, H, W, C]. Windows are ordered (B, D/wd, H/wh, W/ww) and the tokens in a
+window row-major over (d, h, w), exactly as the official `window_partition`, so that attention masks, relative
+position indices and the mutual-attention frame split line up with the official weights.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vrtspike_jax.models.vrt.layers import LayerNorm, Linear, MlpGEGLU, trunc_normal_init
+
+MASK_VALUE = -100.0  # the official mask value between tokens of different shifted regions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Static helpers (numpy, evaluated at trace time)
+
+def get_window_size(x_size, window_size, shift_size=None):
+    """Shrinks the window (and zeroes the shift) along every axis where the input is not larger than the window."""
+    use_window = list(window_size)
+    use_shift = list(shift_size) if shift_size is not None else None
+    for i, size in enumerate(x_size):
+        if size <= window_size[i]:
+            use_window[i] = size
+            if use_shift is not None:
+                use_shift[i] = 0
+    if shift_size is None:
+        return tuple(use_window)
+    return tuple(use_window), tuple(use_shift)
+
+
+def window_partition(x, window_size):
+    """[B, D, H, W, C] -> [B * nW, wd*wh*ww, C] (D, H, W must be multiples of the window)."""
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window_size
+    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, wd * wh * ww, c)
+
+
+def window_reverse(windows, window_size, b, d, h, w):
+    """Inverse of window_partition: [B * nW, wd*wh*ww, C] -> [B, D, H, W, C]."""
+    wd, wh, ww = window_size
+    x = windows.reshape(b, d // wd, h // wh, w // ww, wd, wh, ww, -1)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, d, h, w, -1)
+
+
+@lru_cache(maxsize=None)
+def compute_mask(d: int, h: int, w: int, window_size: Tuple[int, int, int],
+                 shift_size: Tuple[int, int, int]) -> np.ndarray:
+    """Attention mask [nW, N, N] of the shifted windows for a padded input (d, h, w): 0 within a region, -100 across."""
+    img_mask = np.zeros((1, d, h, w, 1), np.float32)
+    cnt = 0
+    slices = [(slice(-ws), slice(-ws, -s), slice(-s, None)) for ws, s in zip(window_size, shift_size)]
+    for ds in slices[0]:
+        for hs in slices[1]:
+            for ws_ in slices[2]:
+                img_mask[:, ds, hs, ws_, :] = cnt
+                cnt += 1
+    mask_windows = window_partition(img_mask, window_size)[..., 0]  # nW, N
+    diff = mask_windows[:, None, :] - mask_windows[:, :, None]
+    return np.where(diff != 0, np.float32(MASK_VALUE), np.float32(0.0)).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def relative_position_index(window_size: Tuple[int, int, int]) -> np.ndarray:
+    """The official `relative_position_index` [N, N] (int) of a window."""
+    wd, wh, ww = window_size
+    coords = np.stack(np.meshgrid(np.arange(wd), np.arange(wh), np.arange(ww), indexing="ij")).reshape(3, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel = rel + np.array([wd - 1, wh - 1, ww - 1])
+    return (rel[..., 0] * (2 * wh - 1) * (2 * ww - 1) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]).astype(np.int64)
+
+
+@lru_cache(maxsize=None)
+def sine_position_encoding(hw: Tuple[int, int], num_pos_feats: int, temperature: float = 10000.0) -> np.ndarray:
+    """The official mutual-attention `position_bias` [1, h*w, 2*num_pos_feats] (normalised sine encoding).
+
+    Computed in float32 in the official op order; it can differ from the PyTorch buffer by one ulp.
+    """
+    h, w = hw
+    scale = np.float32(2 * math.pi)
+    eps = np.float32(1e-6)
+    y_embed = np.cumsum(np.ones((1, h, w), np.float32), axis=1, dtype=np.float32)
+    x_embed = np.cumsum(np.ones((1, h, w), np.float32), axis=2, dtype=np.float32)
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = np.arange(num_pos_feats, dtype=np.float32)
+    dim_t = np.float32(temperature) ** (2 * (dim_t // 2) / np.float32(num_pos_feats))
+    dim_t = dim_t.astype(np.float32)
+    pos_x = x_embed[..., None] / dim_t
+    pos_y = y_embed[..., None] / dim_t
+    pos_x = np.stack((np.sin(pos_x[..., 0::2]), np.cos(pos_x[..., 1::2])), axis=4).reshape(1, h, w, -1)
+    pos_y = np.stack((np.sin(pos_y[..., 0::2]), np.cos(pos_y[..., 1::2])), axis=4).reshape(1, h, w, -1)
+    pos = np.concatenate((pos_y, pos_x), axis=3)  # 1, h, w, C
+    return pos.reshape(1, h * w, -1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+class WindowAttention(nnx.Module):
+    """Window multi-head self attention with relative position bias, plus (if mut_attn) mutual attention between
+    the two frames of a (2, wh, ww) window with a sine position encoding (official WindowAttention, N:588-725)."""
+
+    def __init__(self, dim: int, window_size: Tuple[int, int, int], num_heads: int, *, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, mut_attn: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dim = dim
+        self.window_size = tuple(window_size)
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.mut_attn = mut_attn
+        self.dtype = dtype
+        wd, wh, ww = self.window_size
+        table_size = (2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1)
+        self.relative_position_bias_table = nnx.Param(
+            trunc_normal_init(0.02)(rngs.params(), (table_size, num_heads), param_dtype))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_self = Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
+        if mut_attn:
+            self.qkv_mut = Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
+            self.proj = Linear(2 * dim, dim, **kw)
+        else:
+            self.proj = Linear(dim, dim, **kw)
+
+    def relative_position_bias(self, n: int):
+        """[heads, n, n] bias for the first n tokens of the configured window (official `index[:N, :N]`)."""
+        index = relative_position_index(self.window_size)[:n, :n].reshape(-1)
+        table = self.relative_position_bias_table[...]
+        return jnp.take(table, jnp.asarray(index), axis=0).reshape(n, n, -1).transpose(2, 0, 1)
+
+    def _heads(self, t):
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)  # B_, heads, n, hd
+
+    def _attend(self, q, k, v, mask, bias):
+        """q, k, v: [B_, heads, n, hd]; mask [nW, >=n, >=n] or None; bias [heads, n, n] or None -> [B_, n, C]."""
+        b_, heads, n, hd = q.shape
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k)
+        logits = logits.astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias[None].astype(jnp.float32)
+        if mask is not None:
+            nw = mask.shape[0]
+            logits = logits.reshape(b_ // nw, nw, heads, n, n) + jnp.asarray(mask[:, :n, :n])[None, :, None]
+            logits = logits.reshape(b_, heads, n, n)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        return out.transpose(0, 2, 1, 3).reshape(b_, n, heads * hd)
+
+    def __call__(self, x, mask: Optional[np.ndarray] = None):
+        """x: [B * nW, N, C] window tokens; mask: [nW, N, N] or None."""
+        b_, n, c = x.shape
+        qkv = self.qkv_self(x).reshape(b_, n, 3, c)
+        q, k, v = (self._heads(qkv[:, :, i]) for i in range(3))
+        out = self._attend(q, k, v, mask, self.relative_position_bias(n))
+        if self.mut_attn:
+            pos = sine_position_encoding(self.window_size[1:], self.dim // 2)
+            pos = np.concatenate([pos, pos], axis=1)  # the same encoding for both frames of the window
+            qkv = self.qkv_mut(x + jnp.asarray(pos, x.dtype)).reshape(b_, n, 3, c)
+            q, k, v = (self._heads(qkv[:, :, i]) for i in range(3))
+            half = n // 2
+            q1, q2 = q[:, :, :half], q[:, :, half:]
+            k1, k2 = k[:, :, :half], k[:, :, half:]
+            v1, v2 = v[:, :, :half], v[:, :, half:]
+            # Frame-0 slots hold what frame-1 queries gather from frame 0, and vice versa (official order).
+            x1_aligned = self._attend(q2, k1, v1, mask, None)
+            x2_aligned = self._attend(q1, k2, v2, mask, None)
+            out = jnp.concatenate([jnp.concatenate([x1_aligned, x2_aligned], axis=1), out], axis=2)
+        return self.proj(out)
+
+
+def drop_path(x, rate, rng):
+    """Stochastic depth: zeroes whole samples with probability `rate` and rescales the rest (training only).
+
+    `rate` may be a Python float or a traced scalar (inside a scan over blocks)."""
+    if rng is None or (isinstance(rate, (int, float)) and rate <= 0.0):
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
+
+
+class TMSA(nnx.Module):
+    """One temporal mutual self attention block (official TMSA, N:728-852), pre-norm, on [B, D, H, W, C]."""
+
+    def __init__(self, dim: int, num_heads: int, window_size, shift_size, *, mut_attn: bool = True,
+                 mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path: float = 0.0,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(shift_size)
+        for ws, s in zip(self.window_size, self.shift_size):
+            if not 0 <= s < ws:
+                raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size {self.window_size})")
+        self.drop_path_rate = float(drop_path)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, **kw)
+        self.attn = WindowAttention(dim, self.window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                    mut_attn=mut_attn, **kw)
+        self.norm2 = LayerNorm(dim, **kw)
+        self.mlp = MlpGEGLU(dim, int(dim * mlp_ratio), **kw)
+
+    def attention_part(self, x, mask):
+        b, d, h, w, c = x.shape
+        window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
+        x = self.norm1(x)
+        # Zero-pad after the norm up to window multiples; padded tokens take part as keys/values (official).
+        pad_d = (window_size[0] - d % window_size[0]) % window_size[0]
+        pad_h = (window_size[1] - h % window_size[1]) % window_size[1]
+        pad_w = (window_size[2] - w % window_size[2]) % window_size[2]
+        if pad_d or pad_h or pad_w:
+            x = jnp.pad(x, ((0, 0), (0, pad_d), (0, pad_h), (0, pad_w), (0, 0)))
+        _, dp, hp, wp, _ = x.shape
+        shifted = any(s > 0 for s in shift_size)
+        if shifted:
+            x = jnp.roll(x, shift=tuple(-s for s in shift_size), axis=(1, 2, 3))
+        windows = window_partition(x, window_size)
+        windows = self.attn(windows, mask=mask if shifted else None)
+        x = window_reverse(windows, window_size, b, dp, hp, wp)
+        if shifted:
+            x = jnp.roll(x, shift=shift_size, axis=(1, 2, 3))
+        if pad_d or pad_h or pad_w:
+            x = x[:, :d, :h, :w, :]
+        return x
+
+    def __call__(self, x, mask, rng=None, drop_rate=None):
+        """x: [B, D, H, W, C]; mask: the group's shifted-window mask (numpy) or None; rng: drop-path key or None;
+        drop_rate: overrides the block's drop-path rate (used by the scan over blocks)."""
+        rate = self.drop_path_rate if drop_rate is None else drop_rate
+        rng1 = rng2 = None
+        if rng is not None:
+            rng1, rng2 = jax.random.split(rng)
+        x = x + drop_path(self.attention_part(x, mask), rate, rng1)
+        x = x + drop_path(self.mlp(self.norm2(x)), rate, rng2)
+        return x
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TMSAG(nnx.Module):
+    """A group of TMSA blocks with alternating shifts (official TMSAG, N:855-936), on [B, D, H, W, C]."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
+                 mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
+                 scan_blocks: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
+        self.remat = remat
+        self.scan_blocks = scan_blocks
+        rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nnx.List([
+            TMSA(dim, num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else self.shift_size, mut_attn=mut_attn,
+                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i], dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
+            for i in range(depth)])
+
+    def _block_fn(self):
+        """A pure function (graphdef, state, x, mask, rng, rate) -> x applying one block, rematerialised per the
+        configured policy."""
+
+        def apply(graphdef, state, x, mask, rng, rate):
+            return nnx.merge(graphdef, state)(x, mask, rng, rate)
+
+        if self.remat == "none":
+            return apply
+        return jax.checkpoint(apply, policy=_REMAT_POLICIES[self.remat], static_argnums=(0, 3))
+
+    def __call__(self, x, rng=None):
+        """x: [B, D, H, W, C] -> [B, D, H, W, C]; rng: drop-path key (training) or None."""
+        if len(self.blocks) == 0:
+            return x
+        _, d, h, w, _ = x.shape
+        window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
+        dp = int(np.ceil(d / window_size[0])) * window_size[0]
+        hp = int(np.ceil(h / window_size[1])) * window_size[1]
+        wp = int(np.ceil(w / window_size[2])) * window_size[2]
+        mask = _HashableArray(compute_mask(dp, hp, wp, window_size, shift_size))
+        rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
+        apply = self._block_fn()
+        n_pairs = len(self.blocks) // 2 if self.scan_blocks and len(self.blocks) >= 4 else 0
+        if n_pairs:
+            x = self._scan_pairs(x, mask, rngs, apply, n_pairs)
+        for i in range(2 * n_pairs, len(self.blocks)):
+            graphdef, state = nnx.split(self.blocks[i])
+            x = apply(graphdef, state, x, mask, rngs[i], None)
+        return x
+
+    def _scan_pairs(self, x, mask, rngs, apply, n_pairs):
+        """Runs blocks 0 .. 2*n_pairs-1 as a lax.scan over (unshifted, shifted) pairs: one compiled body per group
+        instead of one per block. Parameters stay stored per block; they are stacked here (a cheap copy)."""
+        graphdef_a, _ = nnx.split(self.blocks[0])
+        graphdef_b, _ = nnx.split(self.blocks[1])
+        stack = lambda states: jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        stacked_a = stack([nnx.split(self.blocks[2 * i])[1] for i in range(n_pairs)])
+        stacked_b = stack([nnx.split(self.blocks[2 * i + 1])[1] for i in range(n_pairs)])
+        rates = jnp.asarray([[self.blocks[2 * i].drop_path_rate, self.blocks[2 * i + 1].drop_path_rate]
+                             for i in range(n_pairs)], jnp.float32)
+        use_rng = rngs[0] is not None
+        pair_rngs = jnp.stack([jnp.stack([rngs[2 * i], rngs[2 * i + 1]]) for i in range(n_pairs)]) if use_rng \
+            else jnp.zeros((n_pairs,), jnp.int32)
+
+        def body(carry, inputs):
+            state_a, state_b, pair_rng, rate = inputs
+            rng_a = pair_rng[0] if use_rng else None
+            rng_b = pair_rng[1] if use_rng else None
+            carry = apply(graphdef_a, state_a, carry, mask, rng_a, rate[0] if use_rng else None)
+            carry = apply(graphdef_b, state_b, carry, mask, rng_b, rate[1] if use_rng else None)
+            return carry, None
+
+        x, _ = jax.lax.scan(body, x, (stacked_a, stacked_b, pair_rngs, rates))
+        return x
+
+
+class _HashableArray:
+    """Wraps a static numpy mask so that it can be a static argument of jax.checkpoint."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = array.shape
+        self._key = (array.shape, array.tobytes())
+
+    def __getitem__(self, item):
+        return self.array[item]
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _HashableArray) and self._key == other._key
+
+
+class RTMSA(nnx.Module):
+    """Residual TMSA group of stage 8 (official RTMSA, N:939-992): x + linear(TMSAG_self_only(x))."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, mlp_ratio: float = 2.0,
+                 qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none", scan_blocks: bool = False,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.residual_group = TMSAG(dim, depth, num_heads, window_size, mut_attn=False, mlp_ratio=mlp_ratio,
+                                    qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path, remat=remat,
+                                    scan_blocks=scan_blocks, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, rng=None):
+        return x + self.linear(self.residual_group(x, rng))

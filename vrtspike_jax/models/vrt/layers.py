@@ -1,0 +1,152 @@
+"""Small building blocks shared by the VRT port, with PyTorch-compatible numerics and initialisation.
+
+Everything here is channels-last. Linear layers keep Flax's `kernel` of shape (in, out), the transpose of a
+PyTorch `weight`; 2-D convolutions keep `kernel` of shape (kh, kw, in, out) (HWIO).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default; Flax's own default (1e-6) moves the VRT output by 2e-3.
+
+
+def torch_uniform_init(fan_in: int):
+    """PyTorch's default Linear/Conv initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return _draw(key, shape, dtype, lambda g, sh: g.uniform(-bound, bound, sh),
+                     lambda k, sh, dt: jax.random.uniform(k, sh, dt, -bound, bound))
+
+    return init
+
+
+def trunc_normal_init(std: float, bound: float = 2.0):
+    """torch.nn.init.trunc_normal_(std=std, a=-bound, b=bound) (bounds absolute, as in timm/VRT)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return _draw(key, shape, dtype, lambda g, sh: np.clip(g.normal(0.0, std, sh), -bound, bound),
+                     lambda k, sh, dt: std * jax.random.truncated_normal(k, -bound / std, bound / std, sh, dt))
+
+    return init
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch.nn.GELU(); jax.nn.gelu defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear with PyTorch's default initialisation and our dtype conventions."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, zero_init: bool = False, rngs: nnx.Rngs):
+        init = nnx.initializers.zeros if zero_init else torch_uniform_init(in_features)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                         kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm over the last axis with torch's eps (1e-5); statistics are computed in float32."""
+
+    def __init__(self, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(dim, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *args, **kwargs):
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        y = super().__call__(x.astype(jnp.float32) if x.dtype != jnp.float64 else x, *args, **kwargs)
+        return y.astype(out_dtype)
+
+
+class Conv2d(nnx.Module):
+    """A 2-D convolution on [N, H, W, C] with PyTorch semantics ('same' via explicit symmetric padding).
+
+    Also stands in for VRT's Conv3d with kernel (1, k, k), which is a per-frame 2-D convolution: fold the frames
+    into the batch before calling.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0,
+                 use_bias: bool = True, dtype=None, param_dtype=jnp.float32, zero_init: bool = False,
+                 rngs: nnx.Rngs):
+        fan_in = in_channels * kernel_size * kernel_size
+        init = nnx.initializers.zeros if zero_init else torch_uniform_init(fan_in)
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels),
+                                     param_dtype))
+        self.bias = nnx.Param(init(rngs.params(), (out_channels,), param_dtype)) if use_bias else None
+        self.padding = padding
+        self.dtype = dtype
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        kernel = self.kernel[...].astype(dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel, window_strides=(1, 1),
+            padding=((self.padding, self.padding), (self.padding, self.padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class MlpGEGLU(nnx.Module):
+    """VRT's Mlp_GEGLU: fc2(GELU(fc11(x)) * fc12(x)), exact GELU, no dropout at inference."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, *,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        out_features = out_features or in_features
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc11 = Linear(in_features, hidden_features, **kw)
+        self.fc12 = Linear(in_features, hidden_features, **kw)
+        self.fc2 = Linear(hidden_features, out_features, **kw)
+
+    def __call__(self, x):
+        return self.fc2(gelu(self.fc11(x)) * self.fc12(x))
+
+
+class HostKey:
+    """Parameter-initialisation randomness drawn on the host with NumPy, as a stand-in for `nnx.Rngs`.
+
+    `.params()` returns the HostKey itself; the initialisers of this package draw from it with NumPy. Why not
+    jax.random: eager jax.random compiles one kernel per parameter shape (10 s for the small VRT), jit-compiling
+    the whole initialisation takes minutes (1500 threefry calls), and nnx.Rngs' counter updates are quadratic while
+    tracing. Host initialisation of the 18M-parameter VRT takes well under a second and is deterministic by seed;
+    the same seed gives the same parameters on every host.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self.generator = np.random.default_rng(self.seed)
+
+    @classmethod
+    def from_rngs(cls, rngs) -> "HostKey":
+        """From an nnx.Rngs (one key drawn from its `params` stream), an int seed, or a HostKey (returned as is).
+
+        Parameters are host values: build models eagerly, or under `nnx.eval_shape` for shapes only (a traced key
+        has no value, so seed 0 is used there).
+        """
+        if isinstance(rngs, HostKey):
+            return rngs
+        if isinstance(rngs, (int, np.integer)):
+            return cls(int(rngs))
+        key_data = jax.random.key_data(rngs.params())
+        if isinstance(key_data, jax.core.Tracer):
+            return cls(0)
+        key_data = np.asarray(key_data).ravel().astype(np.uint64)
+        return cls(int((key_data[0] << np.uint64(32)) ^ key_data[-1]) % (2 ** 63))
+
+    def params(self) -> "HostKey":
+        return self
+
+    __call__ = params
+
+
+def _draw(key, shape, dtype, host_fn, jax_fn):
+    if isinstance(key, HostKey):
+        return jnp.asarray(host_fn(key.generator, shape), dtype)
+    return jax_fn(key, shape, dtype)
