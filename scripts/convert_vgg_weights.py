@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Convert torchvision's VGG state_dict into the `.npz` the perceptual loss reads (no downloads).
+
+    python scripts/convert_vgg_weights.py --input vgg16-397923af.pth --output vgg16_features.npz
+    python scripts/convert_vgg_weights.py --input svrt_vgg_loss.npz --prefix vgg. --output vgg16_features.npz
+
+Input: a `.pth` (needs PyTorch) or `.npz` holding `<prefix>features.N.weight / .bias` arrays, e.g.
+`torchvision.models.vgg16(weights=...).state_dict()` (prefix "") or S-VRT's VGGPerceptualLoss
+state_dict (prefix "vgg."). Output: `features.N.weight (O, I, 3, 3)` and `features.N.bias (O,)` float32
+for every conv up to `--up-to` (default: the network's last ReLU), checked against the network layout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from vrtspike_jax.losses import vgg_layer_indices, vgg_params_from_state
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """name -> float32 array from a `.npz` or a PyTorch `.pth` (a state_dict, or a dict with 'state_dict')."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"input file {path} not found")
+    if path.endswith(".npz"):
+        with np.load(path) as archive:
+            return {key: np.asarray(archive[key]) for key in archive.files}
+    try:
+        import torch  # only needed for .pth
+    except ImportError:
+        raise SystemExit(
+            f"reading {path} needs PyTorch, which is not installed: `pip install torch`, or save the state_dict "
+            "as .npz elsewhere (np.savez(out, **{k: v.numpy() for k, v in sd.items()}))"
+        ) from None
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"{path} holds a {type(loaded).__name__}, not a state_dict")
+    return {key: value.detach().cpu().numpy() for key, value in loaded.items() if hasattr(value, "detach")}
+
+
+def convert(input_path: str, output_path: str, network: str = "vgg16", up_to: str | None = None,
+            prefix: str = "") -> list[str]:
+    """Write the checked features of `input_path` to `output_path`; returns the keys written."""
+    names = vgg_layer_indices(network)
+    up_to = up_to or max(names, key=names.get)
+    state = read_state_dict(input_path)
+    try:
+        params = vgg_params_from_state(state, network, [up_to], prefix=prefix, source=input_path)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    out = {}
+    for name in params:
+        out[f"{name}.weight"] = np.asarray(state[f"{prefix}{name}.weight"], np.float32)
+        out[f"{name}.bias"] = np.asarray(state[f"{prefix}{name}.bias"], np.float32)
+    np.savez(output_path, **out)
+    return sorted(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="torchvision VGG state_dict (.pth or .npz)")
+    parser.add_argument("--output", required=True, help="output .npz (features.N.weight/bias)")
+    parser.add_argument("--network", default="vgg16", choices=["vgg16", "vgg19"])
+    parser.add_argument("--up-to", default=None, help="deepest ReLU to keep, e.g. relu3_3 (default: all)")
+    parser.add_argument("--prefix", default="", help="key prefix before 'features.' in the input, e.g. 'vgg.'")
+    args = parser.parse_args(argv)
+    keys = convert(args.input, args.output, args.network, args.up_to, args.prefix)
+    print(f"wrote {len(keys)} arrays ({keys[0]} ... {keys[-1]}) to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
