@@ -45,7 +45,7 @@ def _to_255(images, quantize: bool, name: str) -> np.ndarray:
                          f"found shape {images.shape}")
     if images.dtype == np.uint8:
         return images.astype(np.float64)
-    if not np.issubdtype(images.dtype, np.floating):
+    if not jnp.issubdtype(images.dtype, jnp.floating):  # jnp's test also accepts bfloat16
         raise ValueError(f"{name}: expected uint8 (0-255) or floating-point (0-1) images, found dtype {images.dtype}")
     if quantize:
         unit = np.clip(images.astype(np.float32), 0.0, 1.0)
