@@ -23,6 +23,7 @@ KINDS = (
     "missing_sharp",       # no sharp/ folder or no sharp frame: ground truth is never fabricated
     "missing_folder",      # another required folder (blur/, spike/) is missing
     "empty_sequence",      # a sequence folder without frames
+    "bad_name",            # a frame file whose name is not a frame number (e.g. 000012.png)
     "frame_size",          # a frame whose size differs from its partners or from the sequence
     "bad_image",           # corrupt / unreadable PNG, or not 8-bit RGB
     "truncated_dat",       # .dat size is not a whole number of frames
