@@ -1,0 +1,606 @@
+"""Training and evaluation input for vrtspike-jax: clips of T frames with their spike voxels.
+
+Public API (the training system calls these):
+
+  default_data_config() -> ml_collections.ConfigDict
+  ensure_embedded_dataset(data_config=None) -> Path of the prepared embedded dataset (built on first use)
+  create_train_iterator(data_config, *, global_batch_size, seed, start_step=0, process_index=None,
+                        process_count=None) -> TrainIterator (infinite; numpy batches)
+  create_eval_iterator(data_config, *, process_index=None, process_count=None) -> EvalIterator (finite)
+
+A batch (numpy, channels-last, b = global_batch_size // process_count samples of this process):
+  blur       float32 [b, T, H, W, 3] in [0, 1]
+  sharp      float32 [b, T, H, W, 3] in [0, 1]
+  spike_vox  float32 [b, T, H/f, W/f, K]  (log1p(counts) - mean) / std, train-split statistics
+  sample_id  int32   [b]                  index of the clip (TrainIterator.sample_name(id) names it)
+  frame_idx  int32   [b, T]               frame numbers of the clip's frames
+  t0, t1     float32 [b, T]               exposure windows (ticks)
+Evaluation batches have b = 1, full frames, no augmentation, and also `seq` (str) and `eval_mask` bool [1, T]
+(which frames of the clip count in the metrics; see `eval_clips`).
+
+Determinism: the sample at global position g = step * global_batch_size + j (j < global_batch_size) is
+a pure function of (seed, g): the clip is `permutation(seed, epoch)[g % N]` with epoch = g // N, and its crop
+and flips are drawn from a hash of (seed, g). Process p takes positions j in [p * b, (p + 1) * b) of every
+global batch, so the processes' shards partition each global batch exactly, and an iterator started at
+`start_step = s` yields exactly the batches an uninterrupted run yields from step s. The hash
+(splitmix64) and the permutation (argsort of hashed keys) are our own code, so the order does not change
+with numpy or TensorFlow versions.
+
+TensorFlow is imported only inside `create_train_iterator` (with GPUs hidden from it); evaluation and
+everything else need only numpy and Pillow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data_pipelines import layout, prepare, voxelize
+from data_pipelines.errors import DataError
+
+DEFAULT_CACHE_DIR = "~/.cache/vrtspike_jax"
+_U64 = np.uint64
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def default_data_config():
+    """The data section of a config (ml_collections.ConfigDict) with its defaults.
+
+    Fields:
+      root: prepared dataset root (str), or None for the embedded synthetic dataset.
+      embedded_dir: where the embedded dataset is built on first use (a subfolder per spec).
+      embedded: the embedded dataset's spec (fields of data_pipelines.synthetic.SyntheticSpec).
+      clip_length: T, frames per clip (5).
+      crop_size: square training crop in RGB pixels (256); None trains on full frames. A multiple of
+        spike_scale (and of 8 for the model).
+      num_bins: K, voxel bins per exposure (32); must match the prepared data.
+      spike_scale: f, RGB/spike resolution ratio; must match the prepared data (dataset.json).
+      hflip, vflip: random horizontal / vertical flips in training (same for all frames and spikes).
+      stats_file: voxel statistics; None means <root>/voxel_stats.json (train split only).
+      train_split, eval_split: split folders.
+      num_parallel_calls: parallel sample loads in tf.data (-1 = AUTOTUNE).
+      prefetch: batches prefetched (-1 = AUTOTUNE).
+      eval_pad_to_equal: with several processes, pad every process to the same number of eval clips
+        (padding clips have eval_mask all False).
+    """
+    import ml_collections
+
+    from data_pipelines.synthetic import SyntheticSpec
+
+    config = ml_collections.ConfigDict()
+    config.root = None
+    config.embedded_dir = DEFAULT_CACHE_DIR
+    config.embedded = ml_collections.ConfigDict(dataclasses.asdict(SyntheticSpec()))
+    config.clip_length = 5
+    config.crop_size = 256
+    config.num_bins = 32
+    config.spike_scale = 1
+    config.hflip = True
+    config.vflip = False
+    config.stats_file = None
+    config.train_split = "train"
+    config.eval_split = "val"
+    config.num_parallel_calls = -1
+    config.prefetch = 2
+    config.eval_pad_to_equal = True
+    # None-valued fields keep their type open for command-line overrides.
+    return config
+
+
+def _get(config, name, default=None):
+    try:
+        value = config[name]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None and default is not None else value
+
+
+def ensure_embedded_dataset(data_config=None, log=print) -> Path:
+    """Builds (on first use) and prepares the embedded synthetic dataset; returns its prepared root.
+
+    The folder is `<embedded_dir>/embedded-<spec hash>-k<K>`; building is safe with several processes
+    starting at once (file lock + atomic rename), and takes ~10 s at the default size.
+    """
+    from data_pipelines import synthetic
+
+    data_config = data_config if data_config is not None else default_data_config()
+    fields = {f.name for f in dataclasses.fields(synthetic.SyntheticSpec)}
+    embedded = _get(data_config, "embedded", None)
+    values = {k: embedded[k] for k in (embedded.keys() if embedded is not None else []) if k in fields}
+    spec = synthetic.SyntheticSpec(**values)
+    spec_scale = int(_get(data_config, "spike_scale", 1))
+    if spec.spike_scale != spec_scale:
+        spec = dataclasses.replace(spec, spike_scale=spec_scale)
+    parent = os.path.expanduser(str(_get(data_config, "embedded_dir", DEFAULT_CACHE_DIR)))
+    return synthetic.ensure_dataset(parent, spec, num_bins=int(_get(data_config, "num_bins", 32)), log=log)
+
+
+def resolve_root(data_config) -> Path:
+    """The prepared root of a config: `root`, or the embedded dataset when root is None."""
+    root = _get(data_config, "root", None)
+    if root in (None, ""):
+        return ensure_embedded_dataset(data_config)
+    return Path(os.path.expanduser(str(root)))
+
+
+# ------------------------------------------------------------------------------------------ the index
+
+
+@dataclasses.dataclass
+class SplitIndex:
+    """Frames and clips of one split of a prepared root (numpy tables; row = one frame)."""
+
+    root: Path
+    split: str
+    clip_length: int
+    num_bins: int
+    spike_scale: int
+    voxel_dtype: str
+    seq_names: List[str]
+    seq_hw: np.ndarray        # int64 [S, 2]
+    row_seq: np.ndarray       # int64 [R]
+    row_frame_idx: np.ndarray  # int64 [R]
+    row_t0: np.ndarray        # float64 [R]
+    row_t1: np.ndarray        # float64 [R]
+    row_vox_offset: np.ndarray  # int64 [R]
+    blur_paths: List[str]
+    sharp_paths: List[str]
+    vox_paths: List[str]
+    clip_start: np.ndarray    # int64 [N] first row of each clip
+    clip_mask: np.ndarray     # bool [N, T] frames of the clip that count (eval); all True for train
+    skipped: List[str]        # runs shorter than T
+
+    @property
+    def num_clips(self) -> int:
+        return int(self.clip_start.shape[0])
+
+    def clip_rows(self, clip: int) -> np.ndarray:
+        return self.clip_start[clip] + np.arange(self.clip_length)
+
+    def clip_name(self, clip: int) -> str:
+        """`<split>/<sequence>@<first frame_idx>` of a clip."""
+        row = int(self.clip_start[clip])
+        return f"{self.seq_names[self.row_seq[row]]}@{int(self.row_frame_idx[row])}"
+
+
+def _runs(frame_idx: np.ndarray) -> List[Tuple[int, int]]:
+    """(start, stop) of the runs of consecutive frame numbers in a sorted array."""
+    if frame_idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(frame_idx) != 1) + 1
+    starts = np.r_[0, breaks]
+    stops = np.r_[breaks, frame_idx.size]
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def eval_clips(run_length: int, clip_length: int) -> List[Tuple[int, np.ndarray]]:
+    """Clips covering every frame of a run once: starts 0, T, 2T, ...; if T does not divide the run, one last
+    clip of its final T frames whose mask marks only the frames no earlier clip covered.
+
+    Returns [(start, mask bool [T])]; [] if the run is shorter than T (it cannot be evaluated).
+    """
+    t = clip_length
+    if run_length < t:
+        return []
+    clips = [(s, np.ones(t, bool)) for s in range(0, run_length - t + 1, t)]
+    covered = clips[-1][0] + t
+    if covered < run_length:
+        mask = np.zeros(t, bool)
+        mask[t - (run_length - covered):] = True
+        clips.append((run_length - t, mask))
+    return clips
+
+
+def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: int,
+                for_eval: bool = False) -> SplitIndex:
+    """Reads prepared.json and lists the clips of `split` (train: every start; eval: `eval_clips`)."""
+    root = Path(root)
+    prepared = prepare.read_prepared(root, num_bins=num_bins, spike_scale=spike_scale)
+    seqs = prepared["splits"].get(split, [])
+    seq_names, seq_hw = [], []
+    row_seq, row_idx, row_t0, row_t1, row_off = [], [], [], [], []
+    blur_paths, sharp_paths, vox_paths = [], [], []
+    clip_start, clip_mask, skipped = [], [], []
+    for s, seq in enumerate(seqs):
+        seq_names.append(seq["name"])
+        seq_hw.append((seq["height"], seq["width"]))
+        seq_dir = root / seq["name"]
+        base = len(row_seq)
+        idx = np.array([fr[0] for fr in seq["frames"]], np.int64)
+        for frame_idx, stem, t0, t1, _, offset in seq["frames"]:
+            row_seq.append(s)
+            row_idx.append(frame_idx)
+            row_t0.append(t0)
+            row_t1.append(t1)
+            row_off.append(offset)
+            blur_paths.append(str(seq_dir / layout.BLUR / f"{stem}.png"))
+            sharp_paths.append(str(seq_dir / layout.SHARP / f"{stem}.png"))
+            vox_paths.append(str(seq_dir / layout.SPIKE_VOX / f"{stem}.npy"))
+        for start, stop in _runs(idx):
+            n = stop - start
+            if n < clip_length:
+                skipped.append(f"{seq['name']} frames {idx[start]}..{idx[stop - 1]} ({n} < T={clip_length})")
+                continue
+            if for_eval:
+                for offset, mask in eval_clips(n, clip_length):
+                    clip_start.append(base + start + offset)
+                    clip_mask.append(mask)
+            else:
+                for offset in range(n - clip_length + 1):
+                    clip_start.append(base + start + offset)
+                    clip_mask.append(np.ones(clip_length, bool))
+    return SplitIndex(
+        root=root, split=split, clip_length=clip_length, num_bins=num_bins, spike_scale=spike_scale,
+        voxel_dtype=prepared["voxel_dtype"], seq_names=seq_names,
+        seq_hw=np.array(seq_hw, np.int64).reshape(-1, 2), row_seq=np.array(row_seq, np.int64),
+        row_frame_idx=np.array(row_idx, np.int64), row_t0=np.array(row_t0, np.float64),
+        row_t1=np.array(row_t1, np.float64), row_vox_offset=np.array(row_off, np.int64),
+        blur_paths=blur_paths, sharp_paths=sharp_paths, vox_paths=vox_paths,
+        clip_start=np.array(clip_start, np.int64), clip_mask=np.array(clip_mask, bool).reshape(-1, clip_length),
+        skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------- sample order
+
+
+def splitmix64(x) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a fixed, well-mixed hash."""
+    z = np.atleast_1d(np.asarray(x, dtype=_U64))
+    with np.errstate(over="ignore"):
+        z = z + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def hash_ints(*parts) -> np.ndarray:
+    """Hash of a tuple of integers / integer arrays (broadcast), uint64."""
+    h = np.zeros(1, _U64)
+    for part in parts:
+        part = np.asarray(part).astype(np.int64).astype(_U64)
+        h = splitmix64(h ^ part)
+    return np.atleast_1d(h)
+
+
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The order of the samples in `epoch`: a pure function of (seed, epoch, num_samples), int64 [N]."""
+    keys = hash_ints(seed, 0x5EED, epoch, np.arange(num_samples))
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+class SamplePlanner:
+    """Maps global sample positions to (clip, crop offset, flips): pure functions of (seed, position)."""
+
+    def __init__(self, index: SplitIndex, seed: int, crop_size: Optional[int], hflip: bool, vflip: bool):
+        self.index, self.seed = index, int(seed)
+        self.crop_size, self.hflip, self.vflip = crop_size, bool(hflip), bool(vflip)
+        self._perms: Dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = epoch_permutation(self.seed, epoch, self.index.num_clips)
+                if len(self._perms) >= 2:
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = perm
+            return perm
+
+    def plan(self, position: int) -> Tuple[int, int, int, bool, bool]:
+        """(clip, y, x, hflip, vflip) of the sample at global position `position`."""
+        n = self.index.num_clips
+        epoch, pos = divmod(int(position), n)
+        clip = int(self._perm(epoch)[pos])
+        u = int(hash_ints(self.seed, 0xC0FFEE, position)[0])
+        y = x = 0
+        if self.crop_size:
+            f = self.index.spike_scale
+            h, w = (int(v) for v in self.index.seq_hw[self.index.row_seq[self.index.clip_start[clip]]])
+            y = f * (u % ((h - self.crop_size) // f + 1))
+            x = f * ((u >> 21) % ((w - self.crop_size) // f + 1))
+        return clip, int(y), int(x), bool(self.hflip and (u >> 42) & 1), bool(self.vflip and (u >> 43) & 1)
+
+
+# ------------------------------------------------------------------------------------ numpy loading
+
+
+def load_clip(index: SplitIndex, clip: int, mean: float, std: float, y: int = 0, x: int = 0,
+              crop_size: Optional[int] = None, hflip: bool = False, vflip: bool = False) -> Dict[str, np.ndarray]:
+    """Loads one clip with numpy/Pillow (no TensorFlow): the unbatched sample dict (see module docstring)."""
+    f = index.spike_scale
+    rows = index.clip_rows(clip)
+    blurs, sharps, voxes = [], [], []
+    for row in rows:
+        seq_h, seq_w = index.seq_hw[index.row_seq[row]]
+        c_h, c_w = (crop_size, crop_size) if crop_size else (seq_h, seq_w)
+        blur = layout.load_png(index.blur_paths[row])[y:y + c_h, x:x + c_w]
+        sharp = layout.load_png(index.sharp_paths[row])[y:y + c_h, x:x + c_w]
+        counts = layout.load_voxel_counts(index.vox_paths[row], index.num_bins, seq_h // f, seq_w // f)
+        counts = counts[:, y // f:(y + c_h) // f, x // f:(x + c_w) // f]
+        blurs.append(blur)
+        sharps.append(sharp)
+        voxes.append(np.transpose(voxelize.normalize(counts, mean, std), (1, 2, 0)))
+    out = {
+        "blur": np.stack(blurs).astype(np.float32) / 255.0,
+        "sharp": np.stack(sharps).astype(np.float32) / 255.0,
+        "spike_vox": np.stack(voxes).astype(np.float32),
+    }
+    for key in ("blur", "sharp", "spike_vox"):
+        if hflip:
+            out[key] = out[key][:, :, ::-1]
+        if vflip:
+            out[key] = out[key][:, ::-1]
+        out[key] = np.ascontiguousarray(out[key])
+    out["sample_id"] = np.int32(clip)
+    out["frame_idx"] = index.row_frame_idx[rows].astype(np.int32)
+    out["t0"] = index.row_t0[rows].astype(np.float32)
+    out["t1"] = index.row_t1[rows].astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _process_info(process_index, process_count) -> Tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = int(process_index), int(process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _stats(data_config, root: Path, num_bins: int) -> Tuple[float, float]:
+    stats_file = _get(data_config, "stats_file", None)
+    path = Path(os.path.expanduser(str(stats_file))) if stats_file else root / layout.STATS_JSON
+    return voxelize.load_stats(path, num_bins=num_bins)
+
+
+def _check_crop(index: SplitIndex, crop_size: Optional[int]) -> None:
+    f = index.spike_scale
+    if index.num_clips == 0:
+        detail = f"; runs shorter than T: {'; '.join(index.skipped[:3])}" if index.skipped else ""
+        raise DataError(index.root / index.split, f"no clip of T={index.clip_length} consecutive frames in the "
+                                                  f"{index.split} split{detail}", "config")
+    if crop_size:
+        if crop_size % f:
+            raise DataError(None, f"crop_size {crop_size} is not a multiple of spike_scale {f}", "config")
+        small = [f"{name} ({h}x{w})" for name, (h, w) in zip(index.seq_names, index.seq_hw)
+                 if h < crop_size or w < crop_size]
+        if small:
+            raise DataError(index.root, f"crop_size {crop_size} is larger than the frames of "
+                                        f"{', '.join(small[:4])}{' ...' if len(small) > 4 else ''}: lower "
+                                        "data.crop_size (or, for the embedded dataset, raise data.embedded.height/"
+                                        "width)", "config")
+    else:
+        sizes = {tuple(hw) for hw in index.seq_hw.tolist()}
+        if len(sizes) > 1:
+            raise DataError(index.root, f"crop_size None needs frames of one size to batch, found sizes "
+                                        f"{sorted(sizes)}", "config")
+
+
+def _hide_gpus_from_tf(tf) -> None:
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # already initialised: nothing more to do
+        pass
+
+
+class TrainIterator:
+    """Infinite iterator of per-process training batches (numpy dicts); see the module docstring.
+
+    Attributes: root, index (SplitIndex), local_batch_size, global_batch_size, start_step, step (next step),
+    stats (mean, std). `sample_name(sample_id)` names a clip (`train/<seq>@<first frame_idx>`).
+    """
+
+    def __init__(self, dataset, index: SplitIndex, *, global_batch_size: int, local_batch_size: int,
+                 start_step: int, stats: Tuple[float, float], planner: SamplePlanner):
+        self._dataset = dataset
+        self._iterator = iter(dataset.as_numpy_iterator())
+        self.index = index
+        self.root = index.root
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = local_batch_size
+        self.start_step = start_step
+        self.step = start_step
+        self.stats = stats
+        self.planner = planner
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self.step += 1
+        return batch
+
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_clips
+
+    def sample_name(self, sample_id: int) -> str:
+        return self.index.clip_name(int(sample_id))
+
+    @property
+    def element_spec(self):
+        return self._dataset.element_spec
+
+
+def create_train_iterator(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                          process_index: Optional[int] = None, process_count: Optional[int] = None) -> TrainIterator:
+    """Infinite iterator of this process's training batches (see the module docstring for keys and shapes).
+
+    Args:
+      data_config: `default_data_config()` or a config derived from it.
+      global_batch_size: samples per step over all processes (a multiple of process_count).
+      seed: the data seed; the batch at step s is a pure function of (seed, s, process shard).
+      start_step: first step to produce (resume).
+      process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
+    """
+    p_index, p_count = _process_info(process_index, process_count)
+    if global_batch_size % p_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of process_count {p_count}")
+    local = global_batch_size // p_count
+    root = resolve_root(data_config)
+    t = int(data_config.clip_length)
+    k = int(data_config.num_bins)
+    f = int(data_config.spike_scale)
+    crop = _get(data_config, "crop_size", None)
+    crop = int(crop) if crop else None
+    index = build_index(root, _get(data_config, "train_split", "train"), t, k, f)
+    _check_crop(index, crop)
+    mean, std = _stats(data_config, root, k)
+    planner = SamplePlanner(index, seed, crop, bool(_get(data_config, "hflip", True)),
+                            bool(_get(data_config, "vflip", False)))
+
+    import tensorflow as tf
+    _hide_gpus_from_tf(tf)
+
+    first_local = int(start_step) * local
+
+    def plan_fn(local_position):
+        local_position = int(local_position)
+        step, j = divmod(local_position, local)
+        position = step * global_batch_size + p_index * local + j
+        clip, y, x, hf, vf = planner.plan(position)
+        return np.int64(clip), np.int64(y), np.int64(x), np.bool_(hf), np.bool_(vf)
+
+    blur_table = tf.constant(index.blur_paths)
+    sharp_table = tf.constant(index.sharp_paths)
+    vox_table = tf.constant(index.vox_paths)
+    offset_table = tf.constant(index.row_vox_offset)
+    start_table = tf.constant(index.clip_start)
+    row_seq = tf.constant(index.row_seq)
+    seq_hw = tf.constant(index.seq_hw)
+    frame_table = tf.constant(index.row_frame_idx.astype(np.int32))
+    t0_table = tf.constant(index.row_t0.astype(np.float32))
+    t1_table = tf.constant(index.row_t1.astype(np.float32))
+    vox_dtype = tf.as_dtype(index.voxel_dtype)
+    itemsize = np.dtype(index.voxel_dtype).itemsize
+    mean32, std32 = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+    static_hw = None
+    if crop is None:
+        static_hw = tuple(int(v) for v in index.seq_hw[0])
+
+    def load_fn(local_position):
+        clip, y, x, hf, vf = tf.numpy_function(plan_fn, [local_position],
+                                               [tf.int64, tf.int64, tf.int64, tf.bool, tf.bool], stateful=False)
+        rows = tf.gather(start_table, clip) + tf.range(t, dtype=tf.int64)
+        hw = tf.gather(seq_hw, tf.gather(row_seq, rows[0]))
+        ch, cw = (crop, crop) if crop else (hw[0], hw[1])
+        blurs, sharps, voxes = [], [], []
+        for i in range(t):
+            row = rows[i]
+            blur = tf.io.decode_png(tf.io.read_file(tf.gather(blur_table, row)), channels=3)
+            sharp = tf.io.decode_png(tf.io.read_file(tf.gather(sharp_table, row)), channels=3)
+            blurs.append(blur[y:y + ch, x:x + cw])
+            sharps.append(sharp[y:y + ch, x:x + cw])
+            raw = tf.io.decode_raw(tf.io.read_file(tf.gather(vox_table, row)), vox_dtype, little_endian=True)
+            counts = tf.reshape(raw[tf.gather(offset_table, row) // itemsize:], (k, hw[0] // f, hw[1] // f))
+            counts = counts[:, y // f:(y + ch) // f, x // f:(x + cw) // f]
+            vox = (tf.math.log1p(tf.cast(tf.transpose(counts, (1, 2, 0)), tf.float32)) - mean32) / std32
+            voxes.append(vox)
+        out = {
+            "blur": tf.cast(tf.stack(blurs), tf.float32) / 255.0,
+            "sharp": tf.cast(tf.stack(sharps), tf.float32) / 255.0,
+            "spike_vox": tf.stack(voxes),
+        }
+        for key in ("blur", "sharp", "spike_vox"):
+            value = out[key]
+            value = tf.cond(hf, lambda v=value: tf.reverse(v, [2]), lambda v=value: v)
+            value = tf.cond(vf, lambda v=value: tf.reverse(v, [1]), lambda v=value: v)
+            hh, ww = (crop, crop) if crop else static_hw
+            channels = k if key == "spike_vox" else 3
+            div = f if key == "spike_vox" else 1
+            value.set_shape((t, hh // div, ww // div, channels))
+            out[key] = value
+        out["sample_id"] = tf.cast(clip, tf.int32)
+        out["frame_idx"] = tf.gather(frame_table, rows)
+        out["t0"] = tf.gather(t0_table, rows)
+        out["t1"] = tf.gather(t1_table, rows)
+        return out
+
+    parallel = _get(data_config, "num_parallel_calls", -1)
+    parallel = tf.data.AUTOTUNE if parallel is None or int(parallel) < 0 else max(1, int(parallel))
+    prefetch = _get(data_config, "prefetch", 2)
+    prefetch = tf.data.AUTOTUNE if prefetch is None or int(prefetch) < 0 else int(prefetch)
+    ds = tf.data.Dataset.range(first_local, np.iinfo(np.int64).max)
+    ds = ds.map(load_fn, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+    if prefetch:
+        ds = ds.prefetch(prefetch)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    ds = ds.with_options(options)
+    return TrainIterator(ds, index, global_batch_size=global_batch_size, local_batch_size=local,
+                         start_step=int(start_step), stats=(mean, std), planner=planner)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+class EvalIterator:
+    """Finite iterator over full-size evaluation clips (batch 1, no augmentation), numpy only.
+
+    Every frame of every evaluation run of >= T consecutive frames is in exactly one clip's `eval_mask`
+    (`eval_clips`). With several processes, clip c goes to process c % process_count; with
+    eval_pad_to_equal every process yields the same number of clips (padding: eval_mask all False).
+    """
+
+    def __init__(self, index: SplitIndex, clips: Sequence[int], padding: int, stats: Tuple[float, float]):
+        self.index = index
+        self.clips = list(clips)
+        self.padding = padding
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.clips) + self.padding
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        mean, std = self.stats
+        order = self.clips + [self.clips[-1] if self.clips else 0] * self.padding
+        for i, clip in enumerate(order):
+            sample = load_clip(self.index, clip, mean, std)
+            batch = {key: value[None] for key, value in sample.items()}
+            batch["sample_id"] = batch["sample_id"].reshape(1)
+            batch["seq"] = self.index.seq_names[self.index.row_seq[self.index.clip_start[clip]]]
+            mask = self.index.clip_mask[clip] if i < len(self.clips) else np.zeros(self.index.clip_length, bool)
+            batch["eval_mask"] = mask[None].copy()
+            yield batch
+
+    def sample_name(self, sample_id: int) -> str:
+        return self.index.clip_name(int(sample_id))
+
+
+def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> EvalIterator:
+    """Finite iterator of full-size validation clips (batch 1): the train keys plus `seq` and `eval_mask`."""
+    p_index, p_count = _process_info(process_index, process_count)
+    root = resolve_root(data_config)
+    t, k, f = int(data_config.clip_length), int(data_config.num_bins), int(data_config.spike_scale)
+    index = build_index(root, _get(data_config, "eval_split", "val"), t, k, f, for_eval=True)
+    stats = _stats(data_config, root, k)
+    mine = list(range(p_index, index.num_clips, p_count))
+    padding = 0
+    if p_count > 1 and bool(_get(data_config, "eval_pad_to_equal", True)):
+        per_process = -(-index.num_clips // p_count)
+        padding = per_process - len(mine)
+    return EvalIterator(index, mine, padding, stats)
+
+
+def train_sample_names(data_config) -> List[str]:
+    """Names of the training clips by sample_id (for logging bad samples)."""
+    root = resolve_root(data_config)
+    index = build_index(root, _get(data_config, "train_split", "train"), int(data_config.clip_length),
+                        int(data_config.num_bins), int(data_config.spike_scale))
+    return [index.clip_name(i) for i in range(index.num_clips)]
