@@ -161,12 +161,13 @@ def _parse_float(text: str, name: str, where: str) -> float:
     return value
 
 
-def read_alignment(path: PathLike) -> Tuple[Dict[Tuple[str, int], AlignmentRow], List[DataError]]:
+def read_alignment(path: PathLike) -> Tuple[Dict[Tuple[str, int], AlignmentRow], List[DataError], set]:
     """Reads alignment.csv.
 
     Returns:
-      (rows by (seq, frame_idx), problems). A row that cannot be parsed, has t1 <= t0, or is duplicated is
-      left out and reported (a duplicated key is removed entirely: which of the two is right is unknown).
+      (rows by (seq, frame_idx), problems, rejected keys). A row that cannot be parsed, has t1 <= t0, or is
+      duplicated is left out and reported once (a duplicated key is removed entirely: which of the two is
+      right is unknown); `rejected keys` are the (seq, frame_idx) of such rows where they could be read.
 
     Raises:
       DataError: the file is missing or its header lacks a required column (nothing can be aligned).
@@ -193,6 +194,7 @@ def read_alignment(path: PathLike) -> Tuple[Dict[Tuple[str, int], AlignmentRow],
     rows: Dict[Tuple[str, int], AlignmentRow] = {}
     problems: List[DataError] = []
     duplicated = set()
+    rejected = set()
     for line_no, fields in enumerate(reader, start=2):
         if not fields or all(not x.strip() for x in fields):
             continue
@@ -214,6 +216,7 @@ def read_alignment(path: PathLike) -> Tuple[Dict[Tuple[str, int], AlignmentRow],
             t1 = _parse_float(get("t1"), "t1", where)
             spike_t0 = _parse_float(get("spike_t0"), "spike_t0", where)
             if not t1 > t0:
+                rejected.add((seq, frame_idx))
                 raise DataError(where, f"{seq} frame {frame_idx}: exposure window needs t1 > t0, found "
                                        f"t0={format_number(t0)}, t1={format_number(t1)}", "bad_alignment")
             count_text = get("event_count")
@@ -236,7 +239,7 @@ def read_alignment(path: PathLike) -> Tuple[Dict[Tuple[str, int], AlignmentRow],
             duplicated.add(key)
             continue
         rows[key] = AlignmentRow(seq, frame_idx, t0, t1, spike_t0, event_count, source, line_no)
-    return rows, problems
+    return rows, problems, rejected | duplicated
 
 
 def write_alignment(path: PathLike, rows: Iterable[AlignmentRow]) -> None:
@@ -280,6 +283,7 @@ class SequenceListing:
     path: Path
     frames: List[FrameFiles]
     problems: List[DataError]
+    dropped: List[int] = dataclasses.field(default_factory=list)  # frame numbers left out (already reported)
 
 
 def _files_by_stem(folder: Path, suffix: str, problems: List[DataError]) -> Dict[str, Path]:
@@ -355,6 +359,7 @@ def list_sequence(split: str, seq_dir: PathLike) -> SequenceListing:
                                              f"blurry frame ({_stems_text(extra_spike)})", "frame_count"))
     for stem in sorted(blurs, key=int):
         if stem in no_sharp or stem in no_spike:
+            listing.dropped.append(int(stem))
             continue
         listing.frames.append(FrameFiles(name, stem, int(stem), blurs[stem], sharps[stem], spikes.get(stem),
                                          voxes.get(stem) if stem in voxes else None))

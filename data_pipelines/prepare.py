@@ -338,7 +338,7 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
         result.fatal = True
         return result
     try:
-        rows, row_problems = layout.read_alignment(root / layout.ALIGNMENT_CSV)
+        rows, row_problems, rejected = layout.read_alignment(root / layout.ALIGNMENT_CSV)
     except DataError as err:
         _emit(log, problems, err)
         result.fatal = True
@@ -359,9 +359,12 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
     usable_seqs = {lst.name for lst in listings if lst.frames}
     seen_keys = set()
     for listing in listings:
+        seen_keys.update((listing.name, idx) for idx in listing.dropped)
         for fr in listing.frames:
             row = rows.get((fr.seq, fr.frame_idx))
             seen_keys.add((fr.seq, fr.frame_idx))
+            if row is None and (fr.seq, fr.frame_idx) in rejected:
+                continue  # its alignment line was already reported
             if row is None:
                 _emit(log, problems, DataError(fr.blur, f"missing alignment entry: no line for seq={fr.seq} "
                                                         f"frame_idx={fr.frame_idx} in {layout.ALIGNMENT_CSV}; "
@@ -409,7 +412,14 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
     if reused:
         result.notes.append(f"{reused} frame(s) unchanged since the last run: reused")
 
-    journal_file = None if options.check_only else open(root / JOURNAL, "a", encoding="utf-8")
+    journal_file = None
+    if not options.check_only:
+        journal_path = root / JOURNAL
+        cut_line = journal_path.exists() and journal_path.stat().st_size > 0 and \
+            journal_path.read_bytes()[-1:] != b"\n"
+        journal_file = open(journal_path, "a", encoding="utf-8")
+        if cut_line:  # a crash cut the last record: start a fresh line so the next record is whole
+            journal_file.write("\n")
 
     def on_result(task: FrameTask, res: FrameResult) -> None:
         results[task.key] = res
