@@ -243,13 +243,13 @@ def _convert_x4k(src: Path, dst: Path, opt: ConvertOptions, report: ConvertRepor
                 report.problems.append(err)
                 continue
             with reader:
-                full_frames = len(_pngs(sharp_dir))
-                if full_frames != reader.num_frames:
+                full_ticks = [x4k_tick(p.stem) for p in _pngs(sharp_dir) if _X4K_NAME.match(p.stem)]
+                if full_ticks and max(full_ticks) + 1 != reader.num_frames:
                     report.problems.append(DataError(
                         spike_path, f"frame-count mismatch: {reader.num_frames} spike frames of "
-                                    f"{reader.width}x{reader.height} (WxH) but {full_frames} frames in "
-                                    f"{sharp_dir.relative_to(src)} (one spike frame per interpolated frame "
-                                    "expected); scene skipped", "frame_count"))
+                                    f"{reader.width}x{reader.height} (WxH) but {max(full_ticks) + 1} interpolated "
+                                    f"frames in {sharp_dir.relative_to(src)} (one spike frame per interpolated "
+                                    "frame expected); scene skipped", "frame_count"))
                     continue
                 frame_idx = 0
                 for centre, png in blurs:
