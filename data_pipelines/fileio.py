@@ -55,9 +55,10 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: PathLike, obj) -> None:
-    """Writes `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+def atomic_write_json(path: PathLike, obj, compact: bool = False) -> None:
+    """Writes `obj` as JSON (indented unless `compact`) to `path` atomically."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_save_npy(path: PathLike, array: np.ndarray) -> None:

@@ -501,7 +501,7 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
                 "spike_scale": info.spike_scale, "voxel_dtype": dtype, "tick_rate_hz": info.tick_rate_hz,
                 "source_layout": info.source_layout, "splits": index,
                 "num_problems": len(problems),
-            })
+            }, compact=True)
     result.seconds = time.time() - start
     if not options.check_only:
         lines = [f"prepare_data on {root} ({time.strftime('%Y-%m-%d %H:%M:%S')}), {result.seconds:.1f} s"]
