@@ -57,7 +57,7 @@ def default_data_config():
       embedded_dir: where the embedded dataset is built on first use (a subfolder per spec).
       embedded: the embedded dataset's spec (fields of data_pipelines.synthetic.SyntheticSpec).
       clip_length: T, frames per clip (5).
-      crop_size: square training crop in RGB pixels (256); None trains on full frames. A multiple of
+      crop_size: square training crop in RGB pixels (256); None or 0 trains on full frames. A multiple of
         spike_scale (and of 8 for the model).
       num_bins: K, voxel bins per exposure (32); must match the prepared data.
       spike_scale: f, RGB/spike resolution ratio; must match the prepared data (dataset.json).
@@ -73,23 +73,23 @@ def default_data_config():
 
     from data_pipelines.synthetic import SyntheticSpec
 
+    placeholder = ml_collections.config_dict.placeholder
     config = ml_collections.ConfigDict()
-    config.root = None
+    config.root = placeholder(str)             # None-valued but typed: `--config.data.root=DIR` works
     config.embedded_dir = DEFAULT_CACHE_DIR
     config.embedded = ml_collections.ConfigDict(dataclasses.asdict(SyntheticSpec()))
     config.clip_length = 5
-    config.crop_size = 256
+    config.crop_size = ml_collections.FieldReference(256, field_type=int)   # None or 0: full frames
     config.num_bins = 32
     config.spike_scale = 1
     config.hflip = True
     config.vflip = False
-    config.stats_file = None
+    config.stats_file = placeholder(str)
     config.train_split = "train"
     config.eval_split = "val"
     config.num_parallel_calls = -1
     config.prefetch = 2
     config.eval_pad_to_equal = True
-    # None-valued fields keep their type open for command-line overrides.
     return config
 
 
