@@ -45,6 +45,8 @@ def test_default_config_fields():
     assert cfg.spike_scale == 1 and cfg.hflip is True and cfg.stats_file is None
     assert cfg.embedded_dir.endswith("vrtspike_jax") and cfg.embedded.height == 128
     assert {"num_parallel_calls", "prefetch", "embedded_dir"} <= set(cfg.keys())
+    # None-valued fields are typed, so command-line overrides (--config.data.root=DIR) can set them.
+    assert cfg.get_type("root") is str and cfg.get_type("stats_file") is str and cfg.get_type("crop_size") is int
 
 
 def test_batch_layout_and_values(roots):
