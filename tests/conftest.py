@@ -18,6 +18,21 @@ def _running_in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def _require(path: Path) -> Path:
+    if not path.exists():
+        msg = f"parity fixture {path} not found (set VRTSPIKE_FIXTURES to the fixtures folder)"
+        if _running_in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_file():
+    """Returns `fixture_file(name) -> Path` of a parity fixture (skip locally / fail under CI when missing)."""
+    return lambda name: _require(fixtures_dir() / name)
+
+
 @pytest.fixture(scope="session")
 def load_fixture():
     """Returns a loader `load_fixture(name) -> np.lib.npyio.NpzFile`.
@@ -27,12 +42,7 @@ def load_fixture():
     cache = {}
 
     def _load(name: str):
-        path = fixtures_dir() / name
-        if not path.exists():
-            msg = f"parity fixture {path} not found (set VRTSPIKE_FIXTURES to the fixtures folder)"
-            if _running_in_ci():
-                pytest.fail(msg)
-            pytest.skip(msg)
+        path = _require(fixtures_dir() / name)
         if name not in cache:
             cache[name] = np.load(path)
         return cache[name]

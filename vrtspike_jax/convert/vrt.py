@@ -276,7 +276,7 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
             problems.append(f"key {key!r} fills {'.'.join(map(str, path))}, already filled by {filled[path]!r}")
             continue
         filled[path] = key
-        target.value = jnp.asarray(array, target.value.dtype)
+        target[...] = jnp.asarray(array, target[...].dtype)
     missing = [".".join(map(str, p)) for p in ours if p not in filled]
     if missing:
         official = [_path_to_official(p) for p in sorted(missing)]

@@ -55,20 +55,43 @@ def window_reverse(windows, window_size, b, d, h, w):
 
 
 @lru_cache(maxsize=None)
-def compute_mask(d: int, h: int, w: int, window_size: Tuple[int, int, int],
-                 shift_size: Tuple[int, int, int]) -> np.ndarray:
-    """Attention mask [nW, N, N] of the shifted windows for a padded input (d, h, w): 0 within a region, -100 across."""
-    img_mask = np.zeros((1, d, h, w, 1), np.float32)
+def compute_region_labels(d: int, h: int, w: int, window_size: Tuple[int, int, int],
+                          shift_size: Tuple[int, int, int]) -> np.ndarray:
+    """Region label of every token of every shifted window [nW, N] (int32) for a padded input (d, h, w).
+
+    The official attention mask (compute_mask) is 0 between tokens with equal labels and -100 otherwise; it is
+    built from these labels inside the attention instead of being stored ([nW, N, N] would be hundreds of MB at
+    training crop sizes).
+    """
+    img = np.zeros((1, d, h, w, 1), np.int32)
     cnt = 0
     slices = [(slice(-ws), slice(-ws, -s), slice(-s, None)) for ws, s in zip(window_size, shift_size)]
     for ds in slices[0]:
         for hs in slices[1]:
             for ws_ in slices[2]:
-                img_mask[:, ds, hs, ws_, :] = cnt
+                img[:, ds, hs, ws_, :] = cnt
                 cnt += 1
-    mask_windows = window_partition(img_mask, window_size)[..., 0]  # nW, N
-    diff = mask_windows[:, None, :] - mask_windows[:, :, None]
-    return np.where(diff != 0, np.float32(MASK_VALUE), np.float32(0.0)).astype(np.float32)
+    return window_partition(img, window_size)[..., 0]
+
+
+def compute_mask(d: int, h: int, w: int, window_size: Tuple[int, int, int],
+                 shift_size: Tuple[int, int, int]) -> np.ndarray:
+    """The official attention mask [nW, N, N]: 0 within a shifted region, -100 across (reference / tests)."""
+    labels = compute_region_labels(d, h, w, tuple(window_size), tuple(shift_size))
+    return np.where(labels[:, None, :] != labels[:, :, None], np.float32(MASK_VALUE), np.float32(0.0))
+
+
+def _mask_from_labels(labels):
+    """[M, n] region labels -> [M, 1, n, n] additive mask (broadcast over heads)."""
+    same = labels[:, :, None] == labels[:, None, :]
+    return jnp.where(same, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    for c in range(min(n, max(limit, 1)), 0, -1):
+        if n % c == 0:
+            return c
+    return 1
 
 
 @lru_cache(maxsize=None)
@@ -113,13 +136,14 @@ class WindowAttention(nnx.Module):
     the two frames of a (2, wh, ww) window with a sine position encoding (official WindowAttention, N:588-725)."""
 
     def __init__(self, dim: int, window_size: Tuple[int, int, int], num_heads: int, *, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, mut_attn: bool = True, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 qk_scale: Optional[float] = None, mut_attn: bool = True, chunk_windows: int = 0, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dim = dim
         self.window_size = tuple(window_size)
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.mut_attn = mut_attn
+        self.chunk_windows = int(chunk_windows)
         self.dtype = dtype
         wd, wh, ww = self.window_size
         table_size = (2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1)
@@ -141,42 +165,67 @@ class WindowAttention(nnx.Module):
 
     def _heads(self, t):
         b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)  # B_, heads, n, hd
+        return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)  # M, heads, n, hd
 
-    def _attend(self, q, k, v, mask, bias):
-        """q, k, v: [B_, heads, n, hd]; mask [nW, >=n, >=n] or None; bias [heads, n, n] or None -> [B_, n, C]."""
-        b_, heads, n, hd = q.shape
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k)
-        logits = logits.astype(jnp.float32)
+    def _attend(self, q, k, v, labels, bias):
+        """q, k, v: [M, heads, n, hd]; labels: [M, n] region labels or None; bias [heads, n, n] or None.
+        Returns [M, n, heads*hd]. Logits and softmax in float32."""
+        m, heads, n, hd = q.shape
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k,
+                            preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias[None].astype(jnp.float32)
-        if mask is not None:
-            nw = mask.shape[0]
-            logits = logits.reshape(b_ // nw, nw, heads, n, n) + jnp.asarray(mask[:, :n, :n])[None, :, None]
-            logits = logits.reshape(b_, heads, n, n)
+        if labels is not None:
+            logits = logits + _mask_from_labels(labels)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return out.transpose(0, 2, 1, 3).reshape(b_, n, heads * hd)
+        return out.transpose(0, 2, 1, 3).reshape(m, n, heads * hd)
 
-    def __call__(self, x, mask: Optional[np.ndarray] = None):
-        """x: [B * nW, N, C] window tokens; mask: [nW, N, N] or None."""
-        b_, n, c = x.shape
-        qkv = self.qkv_self(x).reshape(b_, n, 3, c)
+    def _core(self, qkv, qkv_mut, labels, bias):
+        """Attention of M windows: qkv, qkv_mut [M, n, 3C]; labels [M, n] or None -> [M, n, C or 2C]."""
+        m, n, c3 = qkv.shape
+        c = c3 // 3
+        qkv = qkv.reshape(m, n, 3, c)
         q, k, v = (self._heads(qkv[:, :, i]) for i in range(3))
-        out = self._attend(q, k, v, mask, self.relative_position_bias(n))
+        out = self._attend(q, k, v, labels, bias)
+        if qkv_mut is None:
+            return out
+        qkv_mut = qkv_mut.reshape(m, n, 3, c)
+        q, k, v = (self._heads(qkv_mut[:, :, i]) for i in range(3))
+        half = n // 2
+        half_labels = None if labels is None else labels[:, :half]  # official mask[:, :N/2, :N/2]
+        # Frame-0 slots hold what frame-1 queries gather from frame 0, and vice versa (official order).
+        x1_aligned = self._attend(q[:, :, half:], k[:, :, :half], v[:, :, :half], half_labels, None)
+        x2_aligned = self._attend(q[:, :, :half], k[:, :, half:], v[:, :, half:], half_labels, None)
+        return jnp.concatenate([jnp.concatenate([x1_aligned, x2_aligned], axis=1), out], axis=2)
+
+    def __call__(self, x, region_labels: Optional[np.ndarray] = None):
+        """x: [B * nW, N, C] window tokens (windows ordered batch-major); region_labels: [nW, N] labels of the
+        shifted regions (tokens with different labels do not attend to each other) or None. -> [B * nW, N, C].
+
+        With chunk_windows > 0 the attention runs over chunks of windows under lax.map with a rematerialised body,
+        so that training memory holds the logits of one chunk at a time instead of all windows.
+        """
+        b_, n, c = x.shape
+        qkv = self.qkv_self(x)
+        qkv_mut = None
         if self.mut_attn:
             pos = sine_position_encoding(self.window_size[1:], self.dim // 2)
             pos = np.concatenate([pos, pos], axis=1)  # the same encoding for both frames of the window
-            qkv = self.qkv_mut(x + jnp.asarray(pos, x.dtype)).reshape(b_, n, 3, c)
-            q, k, v = (self._heads(qkv[:, :, i]) for i in range(3))
-            half = n // 2
-            q1, q2 = q[:, :, :half], q[:, :, half:]
-            k1, k2 = k[:, :, :half], k[:, :, half:]
-            v1, v2 = v[:, :, :half], v[:, :, half:]
-            # Frame-0 slots hold what frame-1 queries gather from frame 0, and vice versa (official order).
-            x1_aligned = self._attend(q2, k1, v1, mask, None)
-            x2_aligned = self._attend(q1, k2, v2, mask, None)
-            out = jnp.concatenate([jnp.concatenate([x1_aligned, x2_aligned], axis=1), out], axis=2)
+            qkv_mut = self.qkv_mut(x + jnp.asarray(pos, x.dtype))
+        bias = self.relative_position_bias(n)
+        labels = None
+        if region_labels is not None:
+            nw = region_labels.shape[0]
+            labels = jnp.tile(jnp.asarray(region_labels[:, :n]), (b_ // nw, 1))
+        chunk = _largest_divisor_at_most(b_, self.chunk_windows) if self.chunk_windows else b_
+        if chunk >= b_:
+            out = self._core(qkv, qkv_mut, labels, bias)
+        else:
+            split = lambda t: None if t is None else t.reshape((b_ // chunk, chunk) + t.shape[1:])
+            body = jax.checkpoint(lambda args: self._core(args[0], args[1], args[2], bias))
+            out = jax.lax.map(body, (split(qkv), split(qkv_mut), split(labels)))
+            out = out.reshape((b_,) + out.shape[2:])
         return self.proj(out)
 
 
@@ -196,7 +245,7 @@ class TMSA(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size, shift_size, *, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path: float = 0.0,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(shift_size)
         for ws, s in zip(self.window_size, self.shift_size):
@@ -206,11 +255,11 @@ class TMSA(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(dim, **kw)
         self.attn = WindowAttention(dim, self.window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                    mut_attn=mut_attn, **kw)
+                                    mut_attn=mut_attn, chunk_windows=chunk_windows, **kw)
         self.norm2 = LayerNorm(dim, **kw)
         self.mlp = MlpGEGLU(dim, int(dim * mlp_ratio), **kw)
 
-    def attention_part(self, x, mask):
+    def attention_part(self, x, region_labels):
         b, d, h, w, c = x.shape
         window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
         x = self.norm1(x)
@@ -225,7 +274,7 @@ class TMSA(nnx.Module):
         if shifted:
             x = jnp.roll(x, shift=tuple(-s for s in shift_size), axis=(1, 2, 3))
         windows = window_partition(x, window_size)
-        windows = self.attn(windows, mask=mask if shifted else None)
+        windows = self.attn(windows, region_labels if shifted else None)
         x = window_reverse(windows, window_size, b, dp, hp, wp)
         if shifted:
             x = jnp.roll(x, shift=shift_size, axis=(1, 2, 3))
@@ -233,14 +282,15 @@ class TMSA(nnx.Module):
             x = x[:, :d, :h, :w, :]
         return x
 
-    def __call__(self, x, mask, rng=None, drop_rate=None):
-        """x: [B, D, H, W, C]; mask: the group's shifted-window mask (numpy) or None; rng: drop-path key or None;
+    def __call__(self, x, region_labels, rng=None, drop_rate=None):
+        """x: [B, D, H, W, C]; region_labels: the group's shifted-window region labels [nW, N] (numpy) or None;
+        rng: drop-path key or None;
         drop_rate: overrides the block's drop-path rate (used by the scan over blocks)."""
         rate = self.drop_path_rate if drop_rate is None else drop_rate
         rng1 = rng2 = None
         if rng is not None:
             rng1, rng2 = jax.random.split(rng)
-        x = x + drop_path(self.attention_part(x, mask), rate, rng1)
+        x = x + drop_path(self.attention_part(x, region_labels), rate, rng1)
         x = x + drop_path(self.mlp(self.norm2(x)), rate, rng2)
         return x
 
@@ -257,7 +307,8 @@ class TMSAG(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
-                 scan_blocks: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 scan_blocks: bool = False, chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
         self.remat = remat
@@ -265,16 +316,16 @@ class TMSAG(nnx.Module):
         rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nnx.List([
             TMSA(dim, num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else self.shift_size, mut_attn=mut_attn,
-                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i], dtype=dtype,
-                 param_dtype=param_dtype, rngs=rngs)
+                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i],
+                 chunk_windows=chunk_windows, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(depth)])
 
     def _block_fn(self):
-        """A pure function (graphdef, state, x, mask, rng, rate) -> x applying one block, rematerialised per the
+        """A pure function (graphdef, state, x, labels, rng, rate) -> x applying one block, rematerialised per the
         configured policy."""
 
-        def apply(graphdef, state, x, mask, rng, rate):
-            return nnx.merge(graphdef, state)(x, mask, rng, rate)
+        def apply(graphdef, state, x, labels, rng, rate):
+            return nnx.merge(graphdef, state)(x, labels, rng, rate)
 
         if self.remat == "none":
             return apply
@@ -289,18 +340,18 @@ class TMSAG(nnx.Module):
         dp = int(np.ceil(d / window_size[0])) * window_size[0]
         hp = int(np.ceil(h / window_size[1])) * window_size[1]
         wp = int(np.ceil(w / window_size[2])) * window_size[2]
-        mask = _HashableArray(compute_mask(dp, hp, wp, window_size, shift_size))
+        labels = _HashableArray(compute_region_labels(dp, hp, wp, window_size, shift_size))
         rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
         apply = self._block_fn()
         n_pairs = len(self.blocks) // 2 if self.scan_blocks and len(self.blocks) >= 4 else 0
         if n_pairs:
-            x = self._scan_pairs(x, mask, rngs, apply, n_pairs)
+            x = self._scan_pairs(x, labels, rngs, apply, n_pairs)
         for i in range(2 * n_pairs, len(self.blocks)):
             graphdef, state = nnx.split(self.blocks[i])
-            x = apply(graphdef, state, x, mask, rngs[i], None)
+            x = apply(graphdef, state, x, labels, rngs[i], None)
         return x
 
-    def _scan_pairs(self, x, mask, rngs, apply, n_pairs):
+    def _scan_pairs(self, x, labels, rngs, apply, n_pairs):
         """Runs blocks 0 .. 2*n_pairs-1 as a lax.scan over (unshifted, shifted) pairs: one compiled body per group
         instead of one per block. Parameters stay stored per block; they are stacked here (a cheap copy)."""
         graphdef_a, _ = nnx.split(self.blocks[0])
@@ -318,8 +369,8 @@ class TMSAG(nnx.Module):
             state_a, state_b, pair_rng, rate = inputs
             rng_a = pair_rng[0] if use_rng else None
             rng_b = pair_rng[1] if use_rng else None
-            carry = apply(graphdef_a, state_a, carry, mask, rng_a, rate[0] if use_rng else None)
-            carry = apply(graphdef_b, state_b, carry, mask, rng_b, rate[1] if use_rng else None)
+            carry = apply(graphdef_a, state_a, carry, labels, rng_a, rate[0] if use_rng else None)
+            carry = apply(graphdef_b, state_b, carry, labels, rng_b, rate[1] if use_rng else None)
             return carry, None
 
         x, _ = jax.lax.scan(body, x, (stacked_a, stacked_b, pair_rngs, rates))
@@ -327,7 +378,7 @@ class TMSAG(nnx.Module):
 
 
 class _HashableArray:
-    """Wraps a static numpy mask so that it can be a static argument of jax.checkpoint."""
+    """Wraps static numpy region labels so that they can be a static argument of jax.checkpoint."""
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -349,10 +400,11 @@ class RTMSA(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, mlp_ratio: float = 2.0,
                  qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none", scan_blocks: bool = False,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.residual_group = TMSAG(dim, depth, num_heads, window_size, mut_attn=False, mlp_ratio=mlp_ratio,
                                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path, remat=remat,
-                                    scan_blocks=scan_blocks, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                    scan_blocks=scan_blocks, chunk_windows=chunk_windows, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
         self.linear = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, rng=None):

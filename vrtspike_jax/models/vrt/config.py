@@ -22,6 +22,10 @@ class VRTConfig:
       remat: rematerialisation policy of each TMSA block in training ('none', 'full', 'dots_saveable',
         'dots_with_no_batch_dims_saveable').
       scan_blocks: run repeated TMSA blocks with `jax.lax.scan` (compiled once per group, not unrolled).
+      attention_chunk_windows: if > 0, attention runs over chunks of at most this many windows, each chunk
+        rematerialised, so training holds the attention logits of one chunk at a time (0: all windows at once).
+      alignment_chunk: if > 0, the parallel-warping DCN runs over chunks of at most this many (frame pair x
+        direction) problems, each rematerialised (0: all 2(D-1)N problems at once).
       dtype: compute dtype (None = float32; 'bfloat16' for mixed precision); parameters stay `param_dtype`.
     """
 
@@ -44,6 +48,8 @@ class VRTConfig:
     # execution options
     remat: str = "none"
     scan_blocks: bool = False
+    attention_chunk_windows: int = 0
+    alignment_chunk: int = 0
     dtype: Optional[str] = None
     param_dtype: str = "float32"
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrtspike_jax.models.vrt.attention import TMSAG
+from vrtspike_jax.models.vrt.attention import TMSAG, _largest_divisor_at_most
 from vrtspike_jax.models.vrt.layers import Conv2d, LayerNorm, Linear, MlpGEGLU, torch_uniform_init
 from vrtspike_jax.models.vrt.warping import deform_conv2d, flow_warp
 
@@ -97,10 +97,11 @@ class Stage(nnx.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size, *, reshape: str,
                  mul_attn_ratio: float = 0.75, mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None,
                  drop_path=0.0, pa_frames: int = 2, deformable_groups: int = 16, max_residue_magnitude: float = 10.0,
-                 remat: str = "none", scan_blocks: bool = False, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat: str = "none", scan_blocks: bool = False, chunk_windows: int = 0, alignment_chunk: int = 0,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if reshape not in ("none", "down", "up"):
             raise ValueError(f"reshape must be 'none', 'down' or 'up', got {reshape!r}")
+        self.alignment_chunk = int(alignment_chunk)
         self.reshape_mode = reshape
         self.pa_frames = pa_frames
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -115,7 +116,7 @@ class Stage(nnx.Module):
             self.reshape_linear = Linear(in_dim // 4, dim, **kw)
         depth_mut = int(depth * mul_attn_ratio)
         group_kw = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path,
-                        remat=remat, scan_blocks=scan_blocks, **kw)
+                        remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, **kw)
         self.residual_group1 = TMSAG(dim, depth_mut, num_heads, (2, window_size[1], window_size[2]),
                                      mut_attn=True, **group_kw)
         self.linear1 = Linear(dim, dim, **kw)
@@ -181,9 +182,27 @@ class Stage(nnx.Module):
         nb_stacked = [stack([nb[k] for nb in neighbours]) for k in range(k_max)]
         fl_stacked = [stack([fl[k] for fl in flows]) for k in range(k_max)]
         cur_stacked = stack(currents)
-        warped = [flow_warp(nb, fl, "bilinear", "zeros") for nb, fl in zip(nb_stacked, fl_stacked)]
-        aligned = self.pa_deform(jnp.concatenate(nb_stacked, axis=-1), warped, cur_stacked, fl_stacked)
+        aligned = self._align(nb_stacked, fl_stacked, cur_stacked)
         aligned = aligned.reshape(2, d - 1, n, h, w, -1).astype(x.dtype)
         backward = jnp.concatenate([aligned[0].transpose(1, 0, 2, 3, 4), zeros_feat[:, None]], axis=1)
         forward = jnp.concatenate([zeros_feat[:, None], aligned[1].transpose(1, 0, 2, 3, 4)], axis=1)
         return backward, forward
+
+    def _align(self, neighbours, flows, current):
+        """Flow warping + DCN of M stacked alignment problems ([M, H, W, ...] each) -> [M, H, W, C].
+
+        With alignment_chunk > 0 the problems run in chunks under lax.map with a rematerialised body, so that the
+        DCN's sampled taps (9x the feature map per problem) exist for one chunk at a time in training."""
+
+        def run(nbs, fls, cur):
+            warped = [flow_warp(nb, fl, "bilinear", "zeros") for nb, fl in zip(nbs, fls)]
+            return self.pa_deform(jnp.concatenate(nbs, axis=-1), warped, cur, fls)
+
+        m = current.shape[0]
+        chunk = _largest_divisor_at_most(m, self.alignment_chunk) if self.alignment_chunk else m
+        if chunk >= m:
+            return run(neighbours, flows, current)
+        split = lambda t: t.reshape((m // chunk, chunk) + t.shape[1:])
+        body = jax.checkpoint(lambda args: run(*args))
+        out = jax.lax.map(body, ([split(t) for t in neighbours], [split(t) for t in flows], split(current)))
+        return out.reshape((m,) + out.shape[2:])

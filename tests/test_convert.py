@@ -1,0 +1,123 @@
+"""Loading official VRT state_dicts: every key used once, every parameter filled, clear errors otherwise."""
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vrtspike_jax.convert import CheckpointError, load_official_vrt, read_state_dict
+from vrtspike_jax.models.vrt import VRT, small_fixture_config
+
+
+@pytest.fixture(scope="module")
+def official(load_fixture):
+    z = load_fixture("vrt_small_seed0.npz")
+    params = {k[len("param/"):]: z[k] for k in z.keys() if k.startswith("param/")}
+    buffers = {k[len("buffer/"):]: z[k] for k in z.keys() if k.startswith("buffer/")}
+    return params, buffers, json.loads(str(z["config_json"]))
+
+
+def save(tmp_path, name, arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_fixture_loads_with_prefixes_and_every_parameter_is_filled(official, fixture_file):
+    params, buffers, kwargs = official
+    assert len(params) == 828
+    model = load_official_vrt(fixture_file("vrt_small_seed0.npz"), **kwargs)
+    ours = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    assert len(ours) == len(params)
+    np.testing.assert_array_equal(np.asarray(model.conv_first.kernel[...]),
+                                  params["conv_first.weight"][:, :, 0].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(model.stages[1].reshape_linear.kernel[...]),
+                                  params["stage2.reshape.2.weight"].T)
+    np.testing.assert_array_equal(np.asarray(model.stage8[1].residual_group.blocks[1].attn.relative_position_bias_table[...]),
+                                  params["stage8.2.residual_group.blocks.1.attn.relative_position_bias_table"])
+
+
+def test_plain_npz_with_buffers_and_relative_index_is_accepted(official, tmp_path, load_fixture):
+    params, buffers, kwargs = official
+    z = load_fixture("vrt_small_seed0.npz")
+    arrays = dict(params)
+    arrays.update(buffers)
+    arrays["stage1.residual_group1.blocks.0.attn.relative_position_index"] = z["relpos_index/2x8x8"]
+    arrays["stage8.2.residual_group.blocks.0.attn.relative_position_index"] = z["relpos_index/1x8x8"]
+    path = save(tmp_path, "plain.npz", arrays)
+    model = load_official_vrt(path, **kwargs)
+    np.testing.assert_array_equal(np.asarray(model.norm.scale[...]), params["norm.weight"])
+
+
+def test_missing_key_is_named(official, tmp_path):
+    params, _, kwargs = official
+    arrays = {k: v for k, v in params.items() if k != "stage3.pa_deform.conv_offset.4.bias"}
+    path = save(tmp_path, "missing.npz", arrays)
+    with pytest.raises(CheckpointError, match=r"missing 1 parameter\(s\): stage3\.pa_deform\.conv_offset\.2\.bias"):
+        load_official_vrt(path, **kwargs)
+
+
+def test_extra_key_is_named(official, tmp_path):
+    params, _, kwargs = official
+    arrays = dict(params)
+    arrays["stage9.linear1.weight"] = np.zeros((16, 16), np.float32)
+    path = save(tmp_path, "extra.npz", arrays)
+    with pytest.raises(CheckpointError, match=r"(?s)extra\.npz.*unexpected key 'stage9\.linear1\.weight'"):
+        load_official_vrt(path, **kwargs)
+
+
+def test_misshaped_key_is_named_with_both_shapes(official, tmp_path):
+    params, _, kwargs = official
+    arrays = dict(params)
+    arrays["stage2.linear1.weight"] = np.zeros((16, 17), np.float32)
+    path = save(tmp_path, "shape.npz", arrays)
+    with pytest.raises(CheckpointError, match=r"'stage2\.linear1\.weight' has shape \(16, 17\); the configured VRT "
+                                              r"expects \(16, 16\)"):
+        load_official_vrt(path, **kwargs)
+
+
+def test_wrong_architecture_is_reported(official, tmp_path, fixture_file):
+    _, _, kwargs = official
+    kwargs = dict(kwargs, embed_dims=[32] * 7 + [24, 24])
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_official_vrt(fixture_file("vrt_small_seed0.npz"), **kwargs)
+
+
+def test_inconsistent_buffer_is_reported(official, tmp_path):
+    params, buffers, kwargs = official
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    bad = dict(buffers)
+    key = next(k for k in bad if k.endswith("position_bias"))
+    bad[key] = bad[key] + 1.0
+    arrays.update({f"buffer/{k}": v for k, v in bad.items()})
+    path = save(tmp_path, "buffer.npz", arrays)
+    with pytest.raises(CheckpointError, match=f"buffer '{key}' differs"):
+        load_official_vrt(path, **kwargs)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        read_state_dict(tmp_path / "nope.npz")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a zip archive")
+    with pytest.raises(CheckpointError, match=r"corrupt\.npz: not a readable \.npz"):
+        read_state_dict(corrupt)
+    other = tmp_path / "weights.safetensors"
+    other.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        read_state_dict(other)
+
+
+def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "vrt.pth"
+    path.write_bytes(b"\x80")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(CheckpointError, match="needs torch, which is not installed"):
+        read_state_dict(path)
+
+
+def test_unknown_official_kwarg_is_rejected(fixture_file):
+    with pytest.raises(TypeError, match="unknown VRT constructor argument 'embed_dim'"):
+        load_official_vrt(fixture_file("vrt_small_seed0.npz"), embed_dim=[16])
