@@ -349,3 +349,14 @@ def load_official_vrt(path, config: Optional[VRTConfig] = None, seed: int = 0, *
     params, buffers = read_state_dict(path)
     model = VRT(config, rngs=nnx.Rngs(seed))
     return load_state_dict_into(model, params, buffers, source=os.fspath(path))
+
+
+def load_official_weights_into(model, path):
+    """Loads official VRT weights from `path` into an existing VRT, or into the VRT part of a VRTWithSpike (whose
+    spike branch keeps its own initialisation). The architectures must agree; returns the model."""
+    vrt = getattr(model, "vrt", model)
+    if not isinstance(vrt, VRT):
+        raise TypeError(f"expected a VRT or a VRTWithSpike, got {type(model).__name__}")
+    params, buffers = read_state_dict(path)
+    load_state_dict_into(vrt, params, buffers, source=os.fspath(path))
+    return model

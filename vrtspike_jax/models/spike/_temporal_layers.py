@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Host-side (NumPy) initialisers when given a HostKey, jax.random otherwise; see vrt/layers.py HostKey.
+from vrtspike_jax.models.vrt.layers import lecun_normal_init, xavier_uniform_init
+
 
 def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """PyTorch `nn.LayerNorm(dim)`: eps 1e-5, biased variance over the channel axis, affine."""
@@ -39,7 +42,7 @@ class TemporalMultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.dtype = dtype
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.initializers.xavier_uniform())
+                      kernel_init=xavier_uniform_init())
         self.q_proj = nnx.Linear(dim, dim, **linear)
         self.k_proj = nnx.Linear(dim, dim, **linear)
         self.v_proj = nnx.Linear(dim, dim, **linear)
@@ -76,8 +79,10 @@ class FeedForward(nnx.Module):
         hidden = int(dim * mlp_ratio)
         if hidden < 1:
             raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty hidden layer for width {dim}")
-        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             kernel_init=lecun_normal_init())
+        self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             kernel_init=lecun_normal_init())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vrtspike_jax.models.vrt.layers import he_normal_init, variance_scaling_init
+
 _PAD_1 = ((1, 1), (1, 1), (1, 1))
 
 
@@ -32,9 +34,9 @@ class ResidualBlock3D(nnx.Module):
     def __init__(self, channels: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         # He init for the ReLU conv, a smaller second conv so the residual path starts near identity.
         self.conv1 = _conv3d(channels, channels, (1, 1, 1), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                             kernel_init=nnx.initializers.he_normal())
+                             kernel_init=he_normal_init())
         self.conv2 = _conv3d(channels, channels, (1, 1, 1), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                             kernel_init=nnx.initializers.variance_scaling(0.5, "fan_in", "truncated_normal"))
+                             kernel_init=variance_scaling_init(0.5, "fan_in", "truncated_normal"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))) + x)
@@ -97,13 +99,13 @@ class SpikeEncoder3D(nnx.Module):
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c0 = self.channels_per_scale[0]
-        self.in_proj = _conv3d(self.in_bins, c0, (1, 1, 1), kernel_init=nnx.initializers.he_normal(), **kw)
+        self.in_proj = _conv3d(self.in_bins, c0, (1, 1, 1), kernel_init=he_normal_init(), **kw)
         self.res0 = nnx.List([ResidualBlock3D(c0, **kw), ResidualBlock3D(c0, **kw)])
         downs, residuals = [], []
         for i in range(1, n_scales):
             cin, cout = self.channels_per_scale[i - 1], self.channels_per_scale[i]
             s_t, s_s = self.temporal_strides[i - 1], self.spatial_strides[i - 1]
-            downs.append(_conv3d(cin, cout, (s_t, s_s, s_s), kernel_init=nnx.initializers.he_normal(), **kw))
+            downs.append(_conv3d(cin, cout, (s_t, s_s, s_s), kernel_init=he_normal_init(), **kw))
             residuals.append(nnx.List([ResidualBlock3D(cout, **kw), ResidualBlock3D(cout, **kw)]))
         self.downs = nnx.List(downs)
         self.residuals = nnx.List(residuals)

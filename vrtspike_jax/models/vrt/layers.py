@@ -150,3 +150,37 @@ def _draw(key, shape, dtype, host_fn, jax_fn):
     if isinstance(key, HostKey):
         return jnp.asarray(host_fn(key.generator, shape), dtype)
     return jax_fn(key, shape, dtype)
+
+
+def variance_scaling_init(scale: float, mode: str, distribution: str):
+    """jax.nn.initializers.variance_scaling for kernels ([..., in, out]), drawn on the host for a HostKey."""
+    jax_init = jax.nn.initializers.variance_scaling(scale, mode, distribution)
+
+    def host(generator, shape):
+        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+        variance = scale / max(1.0, fan)
+        if distribution == "uniform":
+            bound = np.sqrt(3.0 * variance)
+            return generator.uniform(-bound, bound, shape)
+        if distribution == "normal":
+            return generator.normal(0.0, np.sqrt(variance), shape)
+        # truncated_normal: standard normal truncated to [-2, 2], rescaled to unit variance (as jax)
+        std = np.sqrt(variance) / 0.87962566103423978
+        values = generator.normal(0.0, 1.0, shape)
+        bad = np.abs(values) > 2.0
+        while bad.any():
+            values[bad] = generator.normal(0.0, 1.0, int(bad.sum()))
+            bad = np.abs(values) > 2.0
+        return values * std
+
+    def init(key, shape, dtype=jnp.float32):
+        return _draw(key, shape, dtype, host, jax_init)
+
+    return init
+
+
+he_normal_init = lambda: variance_scaling_init(2.0, "fan_in", "truncated_normal")  # noqa: E731
+lecun_normal_init = lambda: variance_scaling_init(1.0, "fan_in", "truncated_normal")  # noqa: E731  (nnx.Linear's)
+xavier_uniform_init = lambda: variance_scaling_init(1.0, "fan_avg", "uniform")  # noqa: E731
