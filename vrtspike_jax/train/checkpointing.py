@@ -1,0 +1,282 @@
+"""Orbax checkpoints of training runs, and loading a trained model from them.
+
+Layout of a workdir (every process of a run calls save; Orbax writes each process's array shards):
+
+  WORKDIR/checkpoints/last/<step>/   kept `checkpoint.keep_last` newest, written every `checkpoint_every_steps`
+      params/        the model parameters: a nested dict (nnx pure dict) of float arrays, sharded as in training
+      train_state/   {"step", "opt_state", "rng"}: the optimizer state, the number of steps done, the base rng key
+      data/          JSON: the input position ({"next_step", "data_seed", "global_batch_size", ...})
+      config/        JSON: the full run config (ml_collections ConfigDict as a dict)
+  WORKDIR/checkpoints/best/<step>/   kept `checkpoint.keep_best` best by validation PSNR (RGB)
+      params/, data/, config/ as above; metrics/ (JSON: the validation metrics of that step)
+
+A checkpoint directory appears only when complete (Orbax writes to a temporary name and renames it), so a run
+killed at any moment resumes from the last complete checkpoint.
+
+`load_model_from_checkpoint` restores parameters only, on one host (the default device), for inference.
+This module imports no TensorFlow and no CLU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vrtspike_jax.models import VRTWithSpike, build_model
+
+CHECKPOINT_DIR = "checkpoints"
+LAST, BEST = "last", "best"
+LAST_ITEMS = ("params", "train_state", "data", "config")
+BEST_ITEMS = ("params", "data", "config")
+BEST_METRIC = "psnr"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for (the message says what was looked for and what exists)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config <-> JSON
+
+
+def config_to_dict(config) -> Dict[str, Any]:
+    """A JSON-able dict of an ml_collections ConfigDict (placeholders and references resolved; tuples as lists)."""
+    if isinstance(config, Mapping) and not hasattr(config, "to_json_best_effort"):
+        return json.loads(json.dumps(dict(config), default=_json_default))
+    return json.loads(config.to_json_best_effort())
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def config_from_dict(values: Mapping[str, Any]):
+    """ml_collections.ConfigDict from a dict saved by `config_to_dict`."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(values))
+
+
+def resolve_compute_dtype(model_config: Mapping[str, Any], backend: Optional[str] = None) -> Dict[str, Any]:
+    """The model config mapping with `dtype: 'auto'` resolved for `backend` (default: jax.default_backend()):
+    'bfloat16' on GPU and TPU (mixed precision, float32 parameters), None (float32) on CPU. Other values unchanged.
+    """
+    resolved = dict(model_config)
+    if resolved.get("dtype") == "auto":
+        backend = backend or jax.default_backend()
+        resolved["dtype"] = "bfloat16" if backend in ("gpu", "tpu", "cuda", "rocm") else None
+    return resolved
+
+
+def model_mapping(model_config) -> Dict[str, Any]:
+    """The `model` section of a run config as the plain mapping `build_model` takes (dtype 'auto' resolved)."""
+    values = config_to_dict(model_config) if not isinstance(model_config, dict) else dict(model_config)
+    return resolve_compute_dtype(values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Abstract model / parameters
+
+
+def abstract_model(model_config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
+    """(graphdef, abstract parameters as a pure dict of ShapeDtypeStructs) of the model a config describes."""
+    mapping = model_mapping(model_config)
+    mapping.pop("init_vrt_from", None)
+    model = nnx.eval_shape(lambda: build_model(mapping, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params.to_pure_dict()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Managers used by training
+
+
+def _manager(directory: Path, items, *, max_to_keep: int, async_save: bool, best: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+        best_fn=(lambda metrics: float(metrics[BEST_METRIC])) if best else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=not best,
+    )
+    return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=items)
+
+
+class RunCheckpoints:
+    """The `last` and `best` Orbax CheckpointManagers of one workdir (see the module docstring).
+
+    Every process must call every method (saves and restores are collective in multi-process runs).
+    """
+
+    def __init__(self, workdir, *, keep_last: int = 3, keep_best: int = 1, async_save: bool = True):
+        root = Path(workdir) / CHECKPOINT_DIR
+        self.last = _manager(root / LAST, LAST_ITEMS, max_to_keep=keep_last, async_save=async_save, best=False)
+        self.best = _manager(root / BEST, BEST_ITEMS, max_to_keep=keep_best, async_save=async_save, best=True)
+
+    @property
+    def directory(self) -> Path:
+        return Path(os.fspath(self.last.directory)).parent
+
+    def latest_step(self) -> Optional[int]:
+        return self.last.latest_step()
+
+    def best_value(self) -> Optional[float]:
+        """The best validation PSNR among the kept `best` checkpoints (None when there is none)."""
+        step = self.best.best_step()
+        if step is None:
+            return None
+        metrics = self.best.metrics(step)
+        return None if not metrics else float(metrics[BEST_METRIC])
+
+    def save_last(self, step: int, params, train_state, data_position: Mapping[str, Any],
+                  config_dict: Mapping[str, Any], force: bool = False) -> bool:
+        """Starts an asynchronous save of the full training state at `step` (steps done)."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                  train_state=ocp.args.StandardSave(train_state),
+                                  data=ocp.args.JsonSave(dict(data_position)),
+                                  config=ocp.args.JsonSave(dict(config_dict)))
+        return self.last.save(step, args=args, force=force)
+
+    def save_best(self, step: int, params, data_position: Mapping[str, Any], config_dict: Mapping[str, Any],
+                  metrics: Mapping[str, float]) -> bool:
+        """Saves the parameters as a `best` candidate with its validation metrics (Orbax keeps the best ones)."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                  data=ocp.args.JsonSave(dict(data_position)),
+                                  config=ocp.args.JsonSave(dict(config_dict)))
+        clean = {k: float(v) for k, v in metrics.items() if np.isfinite(v) or k == BEST_METRIC}
+        return self.best.save(step, args=args, metrics=clean, force=True)
+
+    def restore_last(self, step: int, abstract_params, abstract_train_state):
+        """Restores (params, train_state, data_position, config_dict) of `last` checkpoint `step` into the shardings
+        carried by the abstract trees (ShapeDtypeStructs with `.sharding`)."""
+        restored = self.last.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            train_state=ocp.args.StandardRestore(abstract_train_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore()))
+        return restored.params, restored.train_state, dict(restored.data), dict(restored.config)
+
+    def read_config(self, step: int) -> Dict[str, Any]:
+        """The run config saved with `last` checkpoint `step`."""
+        return dict(self.last.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+    def wait_until_finished(self) -> None:
+        self.last.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        return bool(self.last.reached_preemption(step))
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading a trained model (inference)
+
+
+def _is_step_dir(path: Path) -> bool:
+    return (path / "params").is_dir() and (path / "config").is_dir()
+
+
+def _step_dirs(manager_dir: Path):
+    if not manager_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in manager_dir.iterdir() if p.is_dir() and p.name.isdigit()
+                  and _is_step_dir(p))
+
+
+def resolve_checkpoint_dir(workdir_or_checkpoint_dir, step: Optional[int] = None, which: str = BEST) -> Path:
+    """The step directory that `load_model_from_checkpoint` reads (see there for the accepted paths)."""
+    if which not in (BEST, LAST):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    path = Path(os.path.expanduser(os.fspath(workdir_or_checkpoint_dir)))
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist (expected a training workdir, its "
+                                      f"{CHECKPOINT_DIR}/{{last,best}} folder or one step folder of it)")
+    if _is_step_dir(path):
+        if step is not None and path.name.isdigit() and int(path.name) != step:
+            raise ValueError(f"{path} is the checkpoint of step {path.name}, but step={step} was asked for")
+        return path
+    if (path / CHECKPOINT_DIR).is_dir():
+        manager_dir = path / CHECKPOINT_DIR / which
+    elif path.name == CHECKPOINT_DIR:
+        manager_dir = path / which
+    else:
+        manager_dir = path
+    steps = _step_dirs(manager_dir)
+    if not steps:
+        others = {w: _step_dirs(manager_dir.parent / w) for w in (BEST, LAST) if w != which}
+        hint = "".join(f"; {w} has steps {s} (which={w!r})" for w, s in others.items() if s)
+        raise CheckpointNotFoundError(f"no complete '{which}' checkpoint in {manager_dir}"
+                                      + (" (no validation has run yet)" if which == BEST else "") + hint)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointNotFoundError(f"no '{which}' checkpoint of step {step} in {manager_dir}; it has steps "
+                                          f"{steps}")
+        return manager_dir / str(step)
+    if manager_dir.name == BEST and len(steps) > 1:
+        scores = {}
+        for s in steps:
+            metrics_file = manager_dir / str(s) / "metrics" / "metrics"
+            try:
+                scores[s] = float(json.loads(metrics_file.read_text())[BEST_METRIC])
+            except (OSError, ValueError, KeyError):
+                continue
+        if scores:
+            return manager_dir / str(max(scores, key=lambda s: (scores[s], s)))
+    return manager_dir / str(steps[-1])
+
+
+def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = None,
+                               which: str = "best") -> Tuple[VRTWithSpike, Any]:
+    """The trained model and its run config, from a training checkpoint (parameters only, one host).
+
+    Args:
+      workdir_or_checkpoint_dir: a training workdir (holding `checkpoints/`), its `checkpoints/` folder, a manager
+        folder (`checkpoints/best` or `checkpoints/last`) or one step folder (`checkpoints/last/1000`).
+      step: the step to load (None: for `best`, the best kept by validation PSNR; for `last`, the newest).
+      which: "best" (by validation PSNR) or "last" (the newest training checkpoint). Ignored for a step folder.
+    Returns:
+      (model, config): a VRTWithSpike with the trained parameters on the default device (compute dtype 'auto'
+      resolved for this backend), and the full run config (ml_collections.ConfigDict).
+    Raises:
+      CheckpointNotFoundError naming what was looked for; ValueError for a bad `which`.
+    """
+    step_dir = resolve_checkpoint_dir(workdir_or_checkpoint_dir, step, which)
+    config_file = step_dir / "config" / "metadata"
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointNotFoundError(f"{config_file}: cannot read the run config of the checkpoint ({error})")
+    config = config_from_dict(config_dict)
+    mapping = model_mapping(config_dict["model"])
+    mapping.pop("init_vrt_from", None)
+    graphdef, abstract_params = abstract_model(mapping)
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(step_dir / "params", target)
+    model = nnx.merge(graphdef, params)
+    logging.info("loaded model parameters from %s", step_dir)
+    return model, config
+
+
+__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints", "abstract_model",
+           "config_from_dict", "config_to_dict", "load_model_from_checkpoint", "model_mapping",
+           "resolve_checkpoint_dir", "resolve_compute_dtype"]
