@@ -154,38 +154,26 @@ class Stage(nnx.Module):
         """
         n, d, h, w, c = x.shape
         k_max = self.pa_frames // 2
-        zeros_feat = jnp.zeros((n, h, w, c), x.dtype)
-        zeros_flow = jnp.zeros((n, h, w, 2), jnp.float32)
-        neighbours, warped, flows, currents = [], [], [], []
-        # targets: backward t = 0..D-2, then forward t = 1..D-1
-        for direction, targets in (("backward", range(0, d - 1)), ("forward", range(1, d))):
-            for t in targets:
-                nb_t, fl_t = [], []
-                for k in range(1, k_max + 1):
-                    if direction == "backward":
-                        src, flow_idx = t + k, t
-                        flow_list = flows_backward
-                    else:
-                        src, flow_idx = t - k, t - k
-                        flow_list = flows_forward
-                    if 0 <= src < d:
-                        nb_t.append(x[:, src])
-                        fl_t.append(flow_list[k - 1][:, flow_idx].astype(jnp.float32))
-                    else:
-                        nb_t.append(zeros_feat)
-                        fl_t.append(zeros_flow)
-                neighbours.append(nb_t)
-                flows.append(fl_t)
-                currents.append(x[:, t])
-        # Stack the 2(D-1) alignment problems along the batch axis.
-        stack = lambda items: jnp.concatenate(items, axis=0)
-        nb_stacked = [stack([nb[k] for nb in neighbours]) for k in range(k_max)]
-        fl_stacked = [stack([fl[k] for fl in flows]) for k in range(k_max)]
-        cur_stacked = stack(currents)
-        aligned = self._align(nb_stacked, fl_stacked, cur_stacked)
-        aligned = aligned.reshape(2, d - 1, n, h, w, -1).astype(x.dtype)
-        backward = jnp.concatenate([aligned[0].transpose(1, 0, 2, 3, 4), zeros_feat[:, None]], axis=1)
-        forward = jnp.concatenate([zeros_feat[:, None], aligned[1].transpose(1, 0, 2, 3, 4)], axis=1)
+
+        def pad_time(t, before, after):
+            return jnp.pad(t, ((0, 0), (before, after)) + ((0, 0),) * (t.ndim - 2))
+
+        # Problems along a time axis of 2(D-1): backward targets t = 0..D-2, then forward targets t = 1..D-1.
+        # Neighbour k of backward target t is frame t+k (with flows_backward[k-1][:, t]); of forward target t it
+        # is frame t-k (with flows_forward[k-1][:, t-k]); missing neighbours and their flows are zeros.
+        neighbours, flows = [], []
+        for k in range(1, k_max + 1):
+            neighbours.append(jnp.concatenate([pad_time(x[:, k:], 0, k - 1), pad_time(x[:, :d - k], k - 1, 0)], 1))
+            fb = flows_backward[k - 1].astype(jnp.float32)
+            ff = flows_forward[k - 1].astype(jnp.float32)
+            flows.append(jnp.concatenate([pad_time(fb, 0, k - 1), pad_time(ff, k - 1, 0)], axis=1))
+        current = jnp.concatenate([x[:, :-1], x[:, 1:]], axis=1)
+        aligned = self._align([fold_frames(t) for t in neighbours], [fold_frames(t) for t in flows],
+                              fold_frames(current))
+        aligned = aligned.reshape(n, 2, d - 1, h, w, -1).astype(x.dtype)
+        zeros = jnp.zeros((n, 1, h, w, aligned.shape[-1]), x.dtype)
+        backward = jnp.concatenate([aligned[:, 0], zeros], axis=1)
+        forward = jnp.concatenate([zeros, aligned[:, 1]], axis=1)
         return backward, forward
 
     def _align(self, neighbours, flows, current):
