@@ -351,12 +351,53 @@ def load_official_vrt(path, config: Optional[VRTConfig] = None, seed: int = 0, *
     return load_state_dict_into(model, params, buffers, source=os.fspath(path))
 
 
+def _read_orbax_vrt_params(path: Path) -> Dict[tuple, np.ndarray]:
+    """Flat {path: array} of the VRT parameters in a converted (scripts/convert_vrt_checkpoint.py) or trained
+    checkpoint folder holding `params/` (the parameters of a VRTWithSpike, whose VRT lives under 'vrt')."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(os.fspath(path / "params"))
+    except Exception as exc:  # orbax raises various types for unreadable folders
+        raise CheckpointError(f"{path}: cannot read the Orbax parameters in {path / 'params'} ({exc})") from exc
+    if not isinstance(tree, Mapping) or "vrt" not in tree:
+        raise CheckpointError(f"{path}: the checkpoint's parameters have no 'vrt' part (found "
+                              f"{sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__})")
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(prefix + (int(key) if isinstance(key, str) and key.isdigit() else key,), value)
+        else:
+            flat[prefix] = np.asarray(node)
+
+    walk((), tree["vrt"])
+    return flat
+
+
 def load_official_weights_into(model, path):
-    """Loads official VRT weights from `path` into an existing VRT, or into the VRT part of a VRTWithSpike (whose
-    spike branch keeps its own initialisation). The architectures must agree; returns the model."""
+    """Loads VRT weights into an existing VRT, or into the VRT part of a VRTWithSpike (whose spike branch keeps its
+    own initialisation); returns the model. `path` is an official state_dict (`.npz`, or `.pth` with torch) or a
+    checkpoint folder written by scripts/convert_vrt_checkpoint.py (or a training step folder). The architectures
+    must agree; every parameter must be filled (errors name the key)."""
     vrt = getattr(model, "vrt", model)
     if not isinstance(vrt, VRT):
         raise TypeError(f"expected a VRT or a VRTWithSpike, got {type(model).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        flat = _read_orbax_vrt_params(path)
+        ours = _model_params(vrt)
+        problems = [f"missing {'.'.join(map(str, p))}" for p in ours if p not in flat]
+        problems += [f"unexpected {'.'.join(map(str, p))}" for p in flat if p not in ours]
+        problems += [f"{'.'.join(map(str, p))} has shape {flat[p].shape}, the configured VRT expects "
+                     f"{tuple(ours[p].shape)}" for p in ours if p in flat and flat[p].shape != tuple(ours[p].shape)]
+        if problems:
+            raise CheckpointError(f"{path}: cannot load into VRT({_short(vrt.config)}):\n  " + "\n  ".join(problems))
+        for p, var in ours.items():
+            var[...] = jnp.asarray(flat[p], var[...].dtype)
+        return model
     params, buffers = read_state_dict(path)
     load_state_dict_into(vrt, params, buffers, source=os.fspath(path))
     return model
