@@ -25,11 +25,11 @@ import numpy as np
 from data_pipelines import layout, simulate, spike_dat
 from data_pipelines.fileio import atomic_path, atomic_write_json, file_lock
 
-GENERATOR_VERSION = 1
-# Real colour photographs bundled in scikit-image (no download). The validation photo is never used in train.
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry",
-                "retina")
-VAL_PHOTOS = ("chelsea",)
+GENERATOR_VERSION = 2
+# Real colour photographs bundled in scikit-image (no download). The validation photo is never used in train
+# (nor its stereo twin motorcycle_right); it is a detailed one, so that deblurring gains show in its PSNR.
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina")
+VAL_PHOTOS = ("motorcycle_left",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,9 +271,9 @@ def ensure_dataset(parent_dir, spec: SyntheticSpec = SyntheticSpec(), num_bins: 
         if ready.exists():
             return final
         start = time.time()
+        for stale in parent.glob(f".{final.name}.tmp-*"):  # left by a crashed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = parent / f".{final.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         make_dataset(tmp, spec)
         result = prepare.prepare_root(prepare.PrepareOptions(root=tmp, num_bins=num_bins, workers=1,
                                                              progress=False), log=lambda line: None)
