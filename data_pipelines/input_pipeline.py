@@ -589,6 +589,10 @@ def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
     root = resolve_root(data_config)
     t, k, f = int(data_config.clip_length), int(data_config.num_bins), int(data_config.spike_scale)
     index = build_index(root, _get(data_config, "eval_split", "val"), t, k, f, for_eval=True)
+    if index.num_clips == 0:
+        detail = f" (runs shorter than T: {'; '.join(index.skipped[:3])})" if index.skipped else ""
+        raise DataError(root / index.split, f"no clip of T={t} consecutive frames to evaluate in the {index.split} "
+                                            f"split{detail}", "config")
     stats = _stats(data_config, root, k)
     mine = list(range(p_index, index.num_clips, p_count))
     padding = 0

@@ -123,7 +123,7 @@ class SpikeDatReader:
         return self._mm
 
     def read_bytes(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        """The raw bytes (uint8 view of the memory map) of frames [start, stop)."""
+        """The raw bytes of frames [start, stop): a uint8 view of the memory map (valid after close())."""
         stop = self.num_frames if stop is None else int(stop)
         start = int(start)
         if not 0 <= start <= stop <= self.num_frames:
@@ -158,10 +158,11 @@ class SpikeDatReader:
         return self.read(index, index + 1)[0]
 
     def close(self) -> None:
-        """Releases the memory map."""
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            mm._mmap.close()  # noqa: SLF001 - numpy exposes no public close
+        """Drops the reader's memory map; the mapping goes away once no array from `read_bytes` uses it.
+
+        (Closing the mapping itself while a view of it is alive would crash the interpreter on access.)
+        """
+        self._mm = None
 
     def __enter__(self) -> "SpikeDatReader":
         return self

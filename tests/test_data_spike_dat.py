@@ -59,6 +59,11 @@ def test_lazy_reader_ranges_and_indexing(tmp_path):
             reader.read(38, 41)
         assert err.value.kind == "spike_window" and "40 frames" in str(err.value)
     np.testing.assert_array_equal(spike_dat.read_dat(path, 6, 12, start=2, stop=4), spikes[2:4])
+    # Raw byte views stay valid after the reader is closed (no dangling memory map).
+    reader = spike_dat.SpikeDatReader(path, 6, 12)
+    raw = reader.read_bytes(3, 5)
+    reader.close()
+    assert raw.tobytes() == path.read_bytes()[3 * 9:5 * 9]
     assert spike_dat.spike_counts(path, 6, 12, 10, 20) == int(spikes[10:20].sum())
 
 
