@@ -23,6 +23,7 @@ setup(
         "tensorflow>=2.21,<2.23; platform_system!='Linux'",
         "tensorflow-datasets>=4.9.10",
         "scikit-image>=0.24",
+        "scipy>=1.11",
         "pillow>=10",
         "psutil>=5.9",
         "tqdm>=4.66",

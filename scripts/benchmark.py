@@ -98,7 +98,8 @@ def build(args):
     vrt_preset, overrides, spike = MODELS[args.model]
     overrides = dict(overrides)
     overrides.update(remat=args.remat, scan_blocks=args.scan_blocks,
-                     attention_chunk_windows=args.attention_chunk_windows, alignment_chunk=args.alignment_chunk,
+                     attention_chunk_windows=args.attention_chunk_windows,
+                     attention_per_head=bool(args.attention_per_head), alignment_chunk=args.alignment_chunk,
                      dtype=None if args.dtype == "float32" else args.dtype)
     config = VRTWithSpikeConfig(vrt=preset(vrt_preset, **overrides), spike_bins=args.spike_bins, **spike)
     return VRTWithSpike(config, rngs=nnx.Rngs(0))
@@ -176,6 +177,7 @@ def main(argv=None):
                                                             "dots_with_no_batch_dims_saveable"])
     parser.add_argument("--scan_blocks", type=int, default=1)
     parser.add_argument("--attention_chunk_windows", type=int, default=0)
+    parser.add_argument("--attention_per_head", type=int, default=1)
     parser.add_argument("--alignment_chunk", type=int, default=0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -246,6 +248,7 @@ def main(argv=None):
     header = dict(model=args.model, parameters=counts, input=list(shape), spike_input=list(spike_shape)
                   if model.config.use_spike else None, dtype=args.dtype, remat=args.remat,
                   scan_blocks=args.scan_blocks, attention_chunk_windows=args.attention_chunk_windows,
+                  attention_per_head=bool(args.attention_per_head),
                   alignment_chunk=args.alignment_chunk, precision=args.precision, runs=args.runs,
                   warmup=args.warmup, device=kind, platform=device.platform, device_count=jax.device_count(),
                   jax=jax.__version__, python=platform.python_version(), host=platform.node(),

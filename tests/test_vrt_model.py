@@ -90,9 +90,11 @@ def test_execution_options_do_not_change_the_function(load_fixture, fixture_file
     kwargs = json.loads(str(z["config_json"]))
     config = config_from_official_kwargs(**kwargs).replace(scan_blocks=True, remat="full",
                                                             attention_chunk_windows=5, alignment_chunk=3)
-    model = load_official_vrt(fixture_file("vrt_small_seed1_padded.npz"), config=config)
-    out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(video(z["input"])))
-    assert rel_l2(out, video(z["output"])) <= TOL
+    per_head = config.replace(attention_chunk_windows=0, attention_per_head=True, remat="dots_saveable")
+    for cfg in (config, per_head):
+        model = load_official_vrt(fixture_file("vrt_small_seed1_padded.npz"), config=cfg)
+        out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(video(z["input"])))
+        assert rel_l2(out, video(z["output"])) <= TOL, cfg
 
 
 @pytest.mark.parametrize("name,count", [("deblur", 18_320_007), ("small_fixture", 1_914_795),

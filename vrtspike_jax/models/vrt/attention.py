@@ -136,9 +136,10 @@ class WindowAttention(nnx.Module):
     the two frames of a (2, wh, ww) window with a sine position encoding (official WindowAttention, N:588-725)."""
 
     def __init__(self, dim: int, window_size: Tuple[int, int, int], num_heads: int, *, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, mut_attn: bool = True, chunk_windows: int = 0, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 qk_scale: Optional[float] = None, mut_attn: bool = True, chunk_windows: int = 0,
+                 per_head: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dim = dim
+        self.per_head = bool(per_head)
         self.window_size = tuple(window_size)
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
@@ -171,6 +172,8 @@ class WindowAttention(nnx.Module):
         """q, k, v: [M, heads, n, hd]; labels: [M, n] region labels or None; bias [heads, n, n] or None.
         Returns [M, n, heads*hd]. Logits and softmax in float32."""
         m, heads, n, hd = q.shape
+        if self.per_head:
+            return self._attend_per_head(q, k, v, labels, bias)
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k,
                             preferred_element_type=jnp.float32)
         if bias is not None:
@@ -180,6 +183,28 @@ class WindowAttention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
         return out.transpose(0, 2, 1, 3).reshape(m, n, heads * hd)
+
+    def _attend_per_head(self, q, k, v, labels, bias):
+        """As _attend, one head at a time under lax.map with a rematerialised body: training holds the logits of
+        one head (1/heads of all) at a time, while every matmul still spans all windows."""
+        m, heads, n, hd = q.shape
+        mask = None if labels is None else _mask_from_labels(labels)[:, 0]  # [M, n, n]
+        scale = jnp.asarray(self.scale, q.dtype)
+
+        def one_head(args):
+            qh, kh, vh, bh = args
+            logits = jnp.einsum("bqd,bkd->bqk", qh * scale, kh, preferred_element_type=jnp.float32)
+            if bias is not None:
+                logits = logits + bh[None].astype(jnp.float32)
+            if mask is not None:
+                logits = logits + mask
+            probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
+            return jnp.einsum("bqk,bkd->bqd", probs, vh)
+
+        per_head = lambda t: t.transpose(1, 0, 2, 3)  # noqa: E731
+        bias_h = bias if bias is not None else jnp.zeros((heads,), q.dtype)
+        out = jax.lax.map(jax.checkpoint(one_head), (per_head(q), per_head(k), per_head(v), bias_h))
+        return out.transpose(1, 2, 0, 3).reshape(m, n, heads * hd)
 
     def _core(self, qkv, qkv_mut, labels, bias):
         """Attention of M windows: qkv, qkv_mut [M, n, 3C]; labels [M, n] or None -> [M, n, C or 2C]."""
@@ -245,7 +270,8 @@ class TMSA(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size, shift_size, *, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path: float = 0.0,
-                 chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(shift_size)
         for ws, s in zip(self.window_size, self.shift_size):
@@ -255,7 +281,7 @@ class TMSA(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(dim, **kw)
         self.attn = WindowAttention(dim, self.window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                    mut_attn=mut_attn, chunk_windows=chunk_windows, **kw)
+                                    mut_attn=mut_attn, chunk_windows=chunk_windows, per_head=per_head, **kw)
         self.norm2 = LayerNorm(dim, **kw)
         self.mlp = MlpGEGLU(dim, int(dim * mlp_ratio), **kw)
 
@@ -307,8 +333,8 @@ class TMSAG(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
-                 scan_blocks: bool = False, chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
         self.remat = remat
@@ -317,7 +343,7 @@ class TMSAG(nnx.Module):
         self.blocks = nnx.List([
             TMSA(dim, num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else self.shift_size, mut_attn=mut_attn,
                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i],
-                 chunk_windows=chunk_windows, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 chunk_windows=chunk_windows, per_head=per_head, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(depth)])
 
     def _block_fn(self):
@@ -400,11 +426,12 @@ class RTMSA(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, mlp_ratio: float = 2.0,
                  qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none", scan_blocks: bool = False,
-                 chunk_windows: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.residual_group = TMSAG(dim, depth, num_heads, window_size, mut_attn=False, mlp_ratio=mlp_ratio,
                                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path, remat=remat,
-                                    scan_blocks=scan_blocks, chunk_windows=chunk_windows, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
+                                    scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, rng=None):

@@ -24,6 +24,9 @@ class VRTConfig:
       scan_blocks: run repeated TMSA blocks with `jax.lax.scan` (compiled once per group, not unrolled).
       attention_chunk_windows: if > 0, attention runs over chunks of at most this many windows, each chunk
         rematerialised, so training holds the attention logits of one chunk at a time (0: all windows at once).
+      attention_per_head: attention runs one head at a time (lax.map, rematerialised), so training holds the
+        logits of one head at a time; every matmul still spans all windows (unlike attention_chunk_windows, at
+        no cost in speed on CPU).
       alignment_chunk: if > 0, the parallel-warping DCN runs over chunks of at most this many (frame pair x
         direction) problems, each rematerialised (0: all 2(D-1)N problems at once).
       dtype: compute dtype (None = float32; 'bfloat16' for mixed precision); parameters stay `param_dtype`.
@@ -49,6 +52,7 @@ class VRTConfig:
     remat: str = "none"
     scan_blocks: bool = False
     attention_chunk_windows: int = 0
+    attention_per_head: bool = False
     alignment_chunk: int = 0
     dtype: Optional[str] = None
     param_dtype: str = "float32"

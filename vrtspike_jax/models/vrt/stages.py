@@ -97,8 +97,8 @@ class Stage(nnx.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size, *, reshape: str,
                  mul_attn_ratio: float = 0.75, mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None,
                  drop_path=0.0, pa_frames: int = 2, deformable_groups: int = 16, max_residue_magnitude: float = 10.0,
-                 remat: str = "none", scan_blocks: bool = False, chunk_windows: int = 0, alignment_chunk: int = 0,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 remat: str = "none", scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False,
+                 alignment_chunk: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if reshape not in ("none", "down", "up"):
             raise ValueError(f"reshape must be 'none', 'down' or 'up', got {reshape!r}")
         self.alignment_chunk = int(alignment_chunk)
@@ -116,7 +116,7 @@ class Stage(nnx.Module):
             self.reshape_linear = Linear(in_dim // 4, dim, **kw)
         depth_mut = int(depth * mul_attn_ratio)
         group_kw = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path,
-                        remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, **kw)
+                        remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head, **kw)
         self.residual_group1 = TMSAG(dim, depth_mut, num_heads, (2, window_size[1], window_size[2]),
                                      mut_attn=True, **group_kw)
         self.linear1 = Linear(dim, dim, **kw)
