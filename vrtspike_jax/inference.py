@@ -481,9 +481,10 @@ def model_upscale(model) -> int:
 class ApplyFn:
     """A jitted `apply_fn(frames [1,t,h,w,3], spikes [1,t,h/f,w/f,K] or None) -> [1,t,h*s,w*s,3]` of one model.
 
-    The model is split once (a snapshot of its state at construction) and merged inside jit. Compilations happen
-    once per input shape and are shared by all ApplyFns of models with the same structure. For a model without
-    spikes (plain VRT, or use_spike=False) the spike argument is ignored.
+    The model is split once (a snapshot of its state at construction, placed on the first local device: a state
+    sharded over several local devices is gathered there) and merged inside jit. Compilations happen once per
+    input shape and are shared by all ApplyFns of models with the same structure. For a model without spikes
+    (plain VRT, or use_spike=False) the spike argument is ignored.
 
     Attributes:
       uses_spikes, spike_scale, spike_bins, upscale: what the model takes and gives.
@@ -492,7 +493,13 @@ class ApplyFn:
     """
 
     def __init__(self, model):
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # Commit the state to one device: jit's cache keys include argument placements, so a freshly built model
+        # (uncommitted arrays) and one restored from a checkpoint (committed) would otherwise compile twice.
+        device = jax.local_devices()[0]
+        self.state = jax.tree.map(
+            lambda x: jax.device_put(x, device) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+            state)
         self.uses_spikes = model_uses_spikes(model)
         self.spike_scale, self.spike_bins = model_spike_spec(model)
         self.upscale = model_upscale(model)
