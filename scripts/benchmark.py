@@ -76,6 +76,13 @@ def _vm_hwm_bytes():
 
 
 def _reset_hwm():
+    """Returns freed heap to the OS (glibc keeps what XLA's compiler freed), then resets the peak-RSS mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

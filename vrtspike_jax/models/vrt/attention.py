@@ -188,7 +188,6 @@ class WindowAttention(nnx.Module):
         """As _attend, one head at a time under lax.map with a rematerialised body: training holds the logits of
         one head (1/heads of all) at a time, while every matmul still spans all windows."""
         m, heads, n, hd = q.shape
-        mask = None if labels is None else _mask_from_labels(labels)[:, 0]  # [M, n, n]
         scale = jnp.asarray(self.scale, q.dtype)
 
         def one_head(args):
@@ -196,8 +195,8 @@ class WindowAttention(nnx.Module):
             logits = jnp.einsum("bqd,bkd->bqk", qh * scale, kh, preferred_element_type=jnp.float32)
             if bias is not None:
                 logits = logits + bh[None].astype(jnp.float32)
-            if mask is not None:
-                logits = logits + mask
+            if labels is not None:  # built here, fused into the add, instead of a stored [M, n, n] mask
+                logits = logits + _mask_from_labels(labels)[:, 0]
             probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
             return jnp.einsum("bqk,bkd->bqd", probs, vh)
 

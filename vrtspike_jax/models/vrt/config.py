@@ -21,6 +21,8 @@ class VRTConfig:
     Execution options (no effect on the function computed):
       remat: rematerialisation policy of each TMSA block in training ('none', 'full', 'dots_saveable',
         'dots_with_no_batch_dims_saveable').
+      remat_stages: also rematerialise each of stages 1-7 as a whole (only its input is kept for the backward pass),
+        on top of the per-block policy: the leanest training memory, at about one more forward pass.
       scan_blocks: run repeated TMSA blocks with `jax.lax.scan` (compiled once per group, not unrolled).
       attention_chunk_windows: if > 0, attention runs over chunks of at most this many windows, each chunk
         rematerialised, so training holds the attention logits of one chunk at a time (0: all windows at once).
@@ -50,6 +52,7 @@ class VRTConfig:
     nonblind_denoising: bool = False
     # execution options
     remat: str = "none"
+    remat_stages: bool = False
     scan_blocks: bool = False
     attention_chunk_windows: int = 0
     attention_per_head: bool = False

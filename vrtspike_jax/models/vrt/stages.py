@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrtspike_jax.models.vrt.attention import TMSAG, _largest_divisor_at_most
+from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES, TMSAG, _largest_divisor_at_most
 from vrtspike_jax.models.vrt.layers import Conv2d, LayerNorm, Linear, MlpGEGLU, torch_uniform_init
 from vrtspike_jax.models.vrt.warping import deform_conv2d, flow_warp
 
@@ -102,6 +102,7 @@ class Stage(nnx.Module):
         if reshape not in ("none", "down", "up"):
             raise ValueError(f"reshape must be 'none', 'down' or 'up', got {reshape!r}")
         self.alignment_chunk = int(alignment_chunk)
+        self.remat = remat
         self.reshape_mode = reshape
         self.pa_frames = pa_frames
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -142,6 +143,15 @@ class Stage(nnx.Module):
             rng1, rng2 = jax.random.split(rng)
         x = self.linear1(self.residual_group1(x, rng1)) + x
         x = self.linear2(self.residual_group2(x, rng2)) + x
+        if self.remat == "none":
+            return self._warp_and_fuse(x, flows_backward, flows_forward)
+        # Rematerialise the alignment (flow warping, DCN and its offset convs) and the fusion MLP: only their
+        # inputs are kept for the backward pass, not the 27*dg-channel offset maps and sampled taps.
+        graphdef, state = nnx.split(self)
+        fn = lambda st, x, fb, ff: nnx.merge(graphdef, st)._warp_and_fuse(x, fb, ff)  # noqa: E731
+        return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.remat])(state, x, flows_backward, flows_forward)
+
+    def _warp_and_fuse(self, x, flows_backward, flows_forward):
         x_backward, x_forward = self.parallel_warp(x, flows_backward, flows_forward)
         return self.pa_fuse(jnp.concatenate([x, x_backward, x_forward], axis=-1))
 
@@ -179,8 +189,8 @@ class Stage(nnx.Module):
     def _align(self, neighbours, flows, current):
         """Flow warping + DCN of M stacked alignment problems ([M, H, W, ...] each) -> [M, H, W, C].
 
-        With alignment_chunk > 0 the problems run in chunks under lax.map with a rematerialised body, so that the
-        DCN's sampled taps (9x the feature map per problem) exist for one chunk at a time in training."""
+        With alignment_chunk > 0 the problems run in rematerialised chunks, so that the DCN's sampled taps (9x the
+        feature map per problem) exist for one chunk at a time in training."""
 
         def run(nbs, fls, cur):
             warped = [flow_warp(nb, fl, "bilinear", "zeros") for nb, fl in zip(nbs, fls)]
@@ -190,7 +200,15 @@ class Stage(nnx.Module):
         chunk = _largest_divisor_at_most(m, self.alignment_chunk) if self.alignment_chunk else m
         if chunk >= m:
             return run(neighbours, flows, current)
-        split = lambda t: t.reshape((m // chunk, chunk) + t.shape[1:])
-        body = jax.checkpoint(lambda args: run(*args))
-        out = jax.lax.map(body, ([split(t) for t in neighbours], [split(t) for t in flows], split(current)))
-        return out.reshape((m,) + out.shape[2:])
+        # Statically unrolled chunks (XLA:CPU runs gathers and their scatter-add gradients inside a lax.map body
+        # about 25x slower). An optimization barrier ties each chunk's inputs to the previous chunk's output, so
+        # that the chunks run one after another in the forward pass and, through the barrier's transpose, in
+        # the backward pass too: only one chunk's intermediates are alive at a time.
+        body = jax.checkpoint(run)
+        outs = []
+        for i in range(0, m, chunk):
+            args = ([t[i:i + chunk] for t in neighbours], [t[i:i + chunk] for t in flows], current[i:i + chunk])
+            if outs:
+                args, _ = jax.lax.optimization_barrier((args, outs[-1]))
+            outs.append(body(*args))
+        return jnp.concatenate(outs, axis=0)

@@ -186,7 +186,14 @@ class VRT(nnx.Module):
             s = scale_of_stage[i]
             fb = [flows_backward[s + 4 * j] for j in range(k)]
             ff = [flows_forward[s + 4 * j] for j in range(k)]
-            out = self.stages[i](inp, fb, ff, rngs[i])
+            if self.config.remat_stages:
+                # Keep only the stage input for the backward pass (the stage is recomputed, its blocks then
+                # rematerialised again inside): the leanest memory, at about one more forward pass.
+                graphdef, state = nnx.split(self.stages[i])
+                fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
+                out = jax.checkpoint(fn)(state, inp, fb, ff, rngs[i])
+            else:
+                out = self.stages[i](inp, fb, ff, rngs[i])
             if stage_hook is not None:
                 out = stage_hook(i + 1, out)
             if intermediates is not None:

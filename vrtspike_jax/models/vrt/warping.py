@@ -19,48 +19,101 @@ import numpy as np
 
 
 def _gather_pixels(images, rows, cols):
-    """images [N, H, W, C]; rows, cols int32 [N, ...] (assumed in range) -> [N, ..., C]."""
-    n, h, w, c = images.shape
-    flat = images.reshape(n, h * w, c)
-    index = (rows * w + cols).reshape(n, -1)
+    """Grouped gather. images [N, H, W, G, C]; rows, cols int32 [N, ..., G] (in range) -> [N, ..., G, C]:
+    point (..., g) reads group g of pixel (row, col)."""
+    n, h, w, g, c = images.shape
+    flat = images.reshape(n, h * w * g, c)
+    index = ((rows * w + cols) * g + jnp.arange(g, dtype=rows.dtype)).reshape(n, -1)
     out = jnp.take_along_axis(flat, index[..., None], axis=1, mode="clip")
     return out.reshape(*rows.shape, c)
 
 
+def _corners(h: int, w: int, x, y):
+    """The four bilinear corners of float pixel coordinates: [(rows, cols, weight, d_weight/dx, d_weight/dy,
+    valid)], corners outside the image marked invalid (they contribute 0: the grid_sample / DCN 'zeros' rule)."""
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0
+    fy = y - y0
+    x0i = x0.astype(jnp.int32)
+    y0i = y0.astype(jnp.int32)
+    corners = []
+    for dy, wy, dwy in ((0, 1.0 - fy, -1.0), (1, fy, 1.0)):
+        for dx, wx, dwx in ((0, 1.0 - fx, -1.0), (1, fx, 1.0)):
+            rows = y0i + dy
+            cols = x0i + dx
+            valid = (rows >= 0) & (rows <= h - 1) & (cols >= 0) & (cols <= w - 1)
+            corners.append((jnp.clip(rows, 0, h - 1), jnp.clip(cols, 0, w - 1), wy * wx, wy * dwx, wx * dwy, valid))
+    return corners
+
+
+def _sample_zeros_forward(images, x, y):
+    _, h, w, _, _ = images.shape
+    out = None
+    for rows, cols, weight, _, _, valid in _corners(h, w, x, y):
+        weight = jnp.where(valid, weight, 0.0).astype(images.dtype)
+        term = _gather_pixels(images, rows, cols) * weight[..., None]
+        out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def _sample_zeros(images, x, y):
+    """Grouped bilinear sampling with zero padding: images [N, H, W, G, C], x, y [N, ..., G] -> [N, ..., G, C].
+
+    The custom gradient recomputes the corner values instead of saving them (autodiff would keep the four gathered
+    corners, 4x the sampled tensor, for the coordinate gradient)."""
+    return _sample_zeros_forward(images, x, y)
+
+
+def _sample_zeros_fwd(images, x, y):
+    return _sample_zeros_forward(images, x, y), (images, x, y)
+
+
+def _sample_zeros_bwd(residuals, grad_out):
+    images, x, y = residuals
+    n, h, w, g, c = images.shape
+    grad_images = jnp.zeros((n, h * w * g, c), jnp.float32)
+    grad_x = jnp.zeros(x.shape, jnp.float32)
+    grad_y = jnp.zeros(y.shape, jnp.float32)
+    grad = grad_out.astype(jnp.float32)
+    batch = jnp.arange(n)[:, None]
+    for rows, cols, weight, dweight_dx, dweight_dy, valid in _corners(h, w, x, y):
+        # d out / d image: scatter the weighted output gradient back to the corner pixels.
+        index = ((rows * w + cols) * g + jnp.arange(g, dtype=rows.dtype)).reshape(n, -1)
+        contribution = (grad * jnp.where(valid, weight, 0.0)[..., None]).reshape(n, -1, c)
+        grad_images = grad_images.at[batch, index].add(contribution)
+        # d out / d coordinates: <grad_out, corner value> times the weight's derivative.
+        value_dot = jnp.sum(grad * _gather_pixels(images, rows, cols).astype(jnp.float32), axis=-1)
+        value_dot = jnp.where(valid, value_dot, 0.0)
+        grad_x = grad_x + value_dot * dweight_dx
+        grad_y = grad_y + value_dot * dweight_dy
+    return (grad_images.reshape(n, h, w, g, c).astype(images.dtype), grad_x.astype(x.dtype),
+            grad_y.astype(y.dtype))
+
+
+_sample_zeros.defvjp(_sample_zeros_fwd, _sample_zeros_bwd)
+
+
 def _bilinear_sample(images, x, y, padding_mode: str):
-    """Bilinear sampling at float pixel coordinates.
+    """Bilinear sampling at float pixel coordinates (one group).
 
     images: [N, H, W, C]; x, y: [N, ...] float pixel coordinates (x along W, y along H).
     padding_mode 'zeros': each of the four corners outside the image contributes 0 (grid_sample / DCN rule).
     padding_mode 'border': coordinates are clamped to [0, size-1] first (grid_sample 'border').
     Returns [N, ..., C] in the dtype of `images`.
     """
-    _, h, w, _ = images.shape
-    coord_dtype = x.dtype
+    n, h, w, c = images.shape
     if padding_mode == "border":
         x = jnp.clip(x, 0.0, w - 1.0)
         y = jnp.clip(y, 0.0, h - 1.0)
-    elif padding_mode != "zeros":
+        sample = _sample_zeros_forward  # in-range coordinates: autodiff (with clip's zero gradient outside)
+    elif padding_mode == "zeros":
+        sample = _sample_zeros
+    else:
         raise ValueError(f"padding_mode must be 'zeros' or 'border', got {padding_mode!r}")
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    wx1 = x - x0
-    wy1 = y - y0
-    wx0 = 1.0 - wx1
-    wy0 = 1.0 - wy1
-    x0i = x0.astype(jnp.int32)
-    y0i = y0.astype(jnp.int32)
-    out = None
-    for dy, wy in ((0, wy0), (1, wy1)):
-        for dx, wx in ((0, wx0), (1, wx1)):
-            yi = y0i + dy
-            xi = x0i + dx
-            valid = (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)
-            weight = jnp.where(valid, wy * wx, jnp.zeros((), coord_dtype))
-            value = _gather_pixels(images, jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1))
-            term = value * weight[..., None].astype(images.dtype)
-            out = term if out is None else out + term
-    return out
+    out = sample(images[:, :, :, None], x[..., None], y[..., None])
+    return out[..., 0, :]
 
 
 def _pixel_grid(h: int, w: int, dtype):
@@ -96,7 +149,8 @@ def flow_warp(images, flow, interp_mode: str = "bilinear", padding_mode: str = "
             xi = fx(x).astype(jnp.int32)
             yi = fy(y).astype(jnp.int32)
             valid = (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)
-            value = _gather_pixels(images, jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1))
+            value = _gather_pixels(images[:, :, :, None], jnp.clip(yi, 0, h - 1)[..., None],
+                                   jnp.clip(xi, 0, w - 1)[..., None])[..., 0, :]
             outs.append(jnp.where(valid[..., None], value, jnp.zeros((), images.dtype)))
     return jnp.concatenate(outs, axis=-1)
 
@@ -137,20 +191,24 @@ def deform_conv2d(images, offset, weight, bias=None, mask=None, *, stride=(1, 1)
     ki, kj = np.divmod(np.arange(taps), kw)
     base_y = (np.arange(ho) * sh - ph)[:, None] + ki[None, :] * dh  # [Ho, K]
     base_x = (np.arange(wo) * sw - pw)[:, None] + kj[None, :] * dw  # [Wo, K]
-    y = jnp.asarray(base_y, jnp.float32)[None, :, None, None, :] + offset[..., 0]  # [N, Ho, Wo, G, K]
-    x = jnp.asarray(base_x, jnp.float32)[None, None, :, None, :] + offset[..., 1]
-    # Sample each offset group from its own channel slice: fold groups into the batch.
-    grouped = images.reshape(n, h, w, groups, cg).transpose(0, 3, 1, 2, 4).reshape(n * groups, h, w, cg)
-    y_g = y.transpose(0, 3, 1, 2, 4).reshape(n * groups, ho, wo, taps)
-    x_g = x.transpose(0, 3, 1, 2, 4).reshape(n * groups, ho, wo, taps)
-    samples = _bilinear_sample(grouped, x_g, y_g, "zeros")  # [N*G, Ho, Wo, K, cg]
-    if mask is not None:
-        m = mask.reshape(n, ho, wo, groups, taps).transpose(0, 3, 1, 2, 4).reshape(n * groups, ho, wo, taps)
-        samples = samples * m[..., None].astype(samples.dtype)
-    samples = samples.reshape(n, groups, ho, wo, taps, cg).transpose(0, 2, 3, 1, 5, 4)  # [N, Ho, Wo, G, cg, K]
-    samples = samples.reshape(n, ho, wo, weight_groups, cin_per_wgroup, taps)
-    w_ = weight.reshape(weight_groups, cout // weight_groups, cin_per_wgroup, taps).astype(samples.dtype)
-    out = jnp.einsum("nhwgck,gock->nhwgo", samples, w_).reshape(n, ho, wo, cout)
+    offset_y = offset[..., 0]  # [N, Ho, Wo, G, K]
+    offset_x = offset[..., 1]
+    mask = None if mask is None else mask.reshape(n, ho, wo, groups, taps)
+    grouped = images.reshape(n, h, w, groups, cg)
+    w_ = weight.reshape(weight_groups, cout // weight_groups, cin_per_wgroup, taps)
+    # One tap at a time: sample [N, Ho, Wo, G, cg] (the size of the input) and accumulate its matmul, so that no
+    # tensor of 9x the feature map exists, in the forward or in the gradient.
+    out = None
+    for k in range(taps):
+        y = jnp.asarray(base_y[:, k], jnp.float32)[None, :, None, None] + offset_y[..., k]
+        x = jnp.asarray(base_x[:, k], jnp.float32)[None, None, :, None] + offset_x[..., k]
+        sample = _sample_zeros(grouped, x, y)  # [N, Ho, Wo, G, cg]
+        if mask is not None:
+            sample = sample * mask[..., k, None].astype(sample.dtype)
+        sample = sample.reshape(n, ho, wo, weight_groups, cin_per_wgroup)
+        term = jnp.einsum("nhwgc,goc->nhwgo", sample, w_[..., k].astype(sample.dtype))
+        out = term if out is None else out + term
+    out = out.reshape(n, ho, wo, cout)
     if bias is not None:
         out = out + bias.astype(out.dtype)
     return out
