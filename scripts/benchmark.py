@@ -75,6 +75,14 @@ def _vm_hwm_bytes():
         return None
 
 
+def _vm_rss_bytes():
+    try:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
 def _reset_hwm():
     """Returns freed heap to the OS (glibc keeps what XLA's compiler freed), then resets the peak-RSS mark."""
     try:
@@ -157,6 +165,7 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     compile_s = time.perf_counter() - start
     compile_rss = _vm_hwm_bytes()
     _reset_hwm()
+    rss_before_run = _vm_rss_bytes()
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
     first, times = _measure(fn, make_args, args.runs, args.warmup)
     run_rss = _vm_hwm_bytes()
@@ -167,7 +176,8 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
                 flops=flops, tflops_per_s=None if achieved is None else achieved / 1e12,
                 mfu=None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12),
                 xla_memory_bytes=_memory_analysis(compiled), peak_rss_compile_bytes=compile_rss,
-                peak_rss_run_bytes=run_rss, device_peak_bytes=_device_peak_bytes())
+                rss_before_run_bytes=rss_before_run, peak_rss_run_bytes=run_rss,
+                device_peak_bytes=_device_peak_bytes())
 
 
 def main(argv=None):
@@ -264,7 +274,7 @@ def main(argv=None):
     print(f"model {args.model} ({sum(counts.values()):,} parameters), input {shape}, {args.dtype}, remat "
           f"{args.remat}, on {kind} x{jax.device_count()} (jax {jax.__version__})")
     cols = ["phase", "compile s", "median s", "runs s", "TFLOP/step", "TFLOP/s", "MFU", "XLA temp GiB",
-            "peak RSS run GiB", "peak RSS compile GiB", "device peak GiB"]
+            "RSS before run GiB", "peak RSS run GiB", "peak RSS compile GiB", "device peak GiB"]
     print(" | ".join(cols))
     for r in results:
         mem = r["xla_memory_bytes"] or {}
@@ -273,7 +283,8 @@ def main(argv=None):
                           ",".join(f"{t:.2f}" for t in r["times_s"]),
                           fmt(None if r["flops"] is None else r["flops"] / 1e12, 3), fmt(r["tflops_per_s"], 3),
                           "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", fmt(_gib(mem.get("temp"))),
-                          fmt(_gib(r["peak_rss_run_bytes"])), fmt(_gib(r["peak_rss_compile_bytes"])),
+                          fmt(_gib(r["rss_before_run_bytes"])), fmt(_gib(r["peak_rss_run_bytes"])),
+                          fmt(_gib(r["peak_rss_compile_bytes"])),
                           fmt(_gib(r["device_peak_bytes"]))]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
