@@ -102,6 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--tile_overlap", type=int, nargs="+", default=None, metavar="N",
                    help=f"overlap in frames and pixels (default {DEFAULT_TILE_OVERLAP[0]} {DEFAULT_TILE_OVERLAP[1]})")
     r = p.add_argument_group("run")
+    r.add_argument("--attention_chunk_windows", type=int, default=0, metavar="N",
+                   help="run attention over chunks of N windows (less memory per tile, same result)")
+    r.add_argument("--attention_per_head", action="store_true",
+                   help="run attention one head at a time (less memory per tile, same result)")
+    r.add_argument("--skip_memory_check", action="store_true",
+                   help="run even if XLA's estimate of a window's memory exceeds what is available")
     r.add_argument("--estimate_tiles", type=int, default=0, metavar="N",
                    help="only time the first N tiles and extrapolate to the clip (writes metrics.json, no PNGs)")
     r.add_argument("--noprogress", action="store_true", help="no progress bar")
@@ -343,7 +349,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     except ImportError as err:
         raise InputError(f"{path}: reading a training checkpoint needs vrtspike_jax.train.checkpointing."
                          f"load_model_from_checkpoint, which this installation lacks ({err})") from None
-    model, config = load_model_from_checkpoint(str(path), step=args.step, which=args.which)
+    # Orbax wants absolute paths (a relative one fails deep inside tensorstore).
+    model, config = load_model_from_checkpoint(str(path.resolve()), step=args.step, which=args.which)
     model_config = getattr(model, "config", None)
     description = {"checkpoint": str(path), "kind": "training_checkpoint", "which": args.which, "step": args.step,
                    "config": _jsonable(dataclasses.asdict(model_config)) if dataclasses.is_dataclass(model_config)
@@ -588,6 +595,11 @@ def frame_metrics(restored_u8: np.ndarray, gt_u8: np.ndarray, blur_u8: Optional[
     return {k: _finite_or_none(v) for k, v in out.items()}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_memory() -> Dict[str, Any]:
     """Peak RSS of this process (bytes) and, on accelerators, the device's memory statistics."""
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -761,12 +773,61 @@ def _progress_bar(total: int, disable: bool):
     return tqdm(total=total, unit="tile", desc="restoring", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
-def run(args: argparse.Namespace, prep: Prepared, staging: Path) -> Dict[str, Any]:
-    """Compiles, restores (or times --estimate_tiles windows) and writes into `staging`; returns the metrics."""
-    started = time.perf_counter()
-    apply_fn = inference.make_apply_fn(prep.loaded.model)
+def _available_memory() -> Optional[Tuple[int, str]]:
+    """(bytes, what) a window may use: free device memory on an accelerator, available RAM on CPU."""
+    import jax
+
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:
+            stats = {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free on {device.device_kind}"
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available RAM"
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024, "available RAM"
+        except OSError:
+            pass
+    return None
+
+
+def compile_model(args: argparse.Namespace, prep: Prepared) -> Tuple[inference.ApplyFn, float]:
+    """Compiles the model for the plan's one window shape and checks that a window fits in memory (before any
+    compute). Raises InputError with the sizes when it cannot fit."""
+    options = {k: v for k, v in (("attention_chunk_windows", args.attention_chunk_windows),
+                                 ("attention_per_head", args.attention_per_head or None)) if v}
+    model = prep.loaded.model
+    if options:
+        model = inference.with_execution_options(model, **options)
+        prep.loaded.description["execution_options"] = options
+    apply_fn = inference.make_apply_fn(model)
+    seconds = apply_fn.compile_for(prep.plan)
+    need = apply_fn.window_memory
+    available = _available_memory()
+    if need and available and not args.skip_memory_check and need["temp_bytes"] > available[0]:
+        t, h, w = prep.plan.tile_shape
+        smaller = f"--tile {t} {h // 2 // 8 * 8}" if h // 2 >= 64 else f"--tile {max(2, t // 2)} {h}"
+        raise InputError(f"--tile: one {t}x{h}x{w} window of this model needs {need['temp_bytes'] / 2 ** 30:.1f} GiB of "
+                         f"working memory (XLA's estimate), {available[0] / 2 ** 30:.1f} GiB are {available[1]}: use "
+                         f"smaller windows (e.g. {smaller}), or --skip_memory_check")
+    return apply_fn, seconds
+
+
+def run(args: argparse.Namespace, prep: Prepared, staging: Path, apply_fn: inference.ApplyFn,
+        compile_seconds: float) -> Dict[str, Any]:
+    """Restores (or times --estimate_tiles windows) and writes into `staging`; returns the metrics."""
+    started = time.perf_counter() - compile_seconds
     plan = prep.plan
-    compile_seconds = apply_fn.compile_for(plan)
     report: Dict[str, Any] = {
         "model": prep.loaded.description,
         "device": _device_description(),
@@ -783,11 +844,13 @@ def run(args: argparse.Namespace, prep: Prepared, staging: Path) -> Dict[str, An
                             "seconds_per_frame": report["estimate"]["estimated_seconds_per_frame"],
                             "measured": False}
         report["memory"] = peak_memory()
+        report["memory"]["window_xla_bytes"] = apply_fn.window_memory
         return report
 
     bar = _progress_bar(plan.num_tiles, args.noprogress)
     writer = _Writer(staging, prep.names, prep.gt_paths, prep.blur_paths)
     restore_start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     try:
         for t, frame in inference.iter_restored_frames(apply_fn, prep.frames, prep.spikes, tile=prep.tile,
                                                        spike_scale=plan.spike_scale, plan=plan,
@@ -797,6 +860,7 @@ def run(args: argparse.Namespace, prep: Prepared, staging: Path) -> Dict[str, An
                 bar.set_postfix(frames=f"{t + 1}/{len(prep.names)}", refresh=False)
         restore_seconds = time.perf_counter() - restore_start
         writer.close()
+        cpu_seconds = _cpu_seconds() - cpu_start
     finally:
         if bar is not None:
             bar.close()
@@ -807,12 +871,15 @@ def run(args: argparse.Namespace, prep: Prepared, staging: Path) -> Dict[str, An
         "read_seconds": prep.frames.load_seconds + (prep.spikes.load_seconds if prep.spikes is not None else 0.0),
         "write_and_metrics_seconds": writer.seconds,
         "total_seconds": time.perf_counter() - started,
+        "cpu_seconds_per_frame": cpu_seconds / len(prep.names),
         "measured": True,
         "definition": "seconds_per_frame = restore_seconds / frames: wall time of the tiled restoration (reading "
                       "inputs, the model, blending), after compilation; PNG writing and metrics run alongside on "
-                      "another thread",
+                      "another thread. cpu_seconds_per_frame: CPU time of the process (all threads) over the same "
+                      "span, per frame (less sensitive to other load on a shared machine)",
     }
     report["memory"] = peak_memory()
+    report["memory"]["window_xla_bytes"] = apply_fn.window_memory
     report["outputs"] = [f"{n}.png" for n in prep.names]
     if prep.gt_paths is not None:
         per_frame = [{"name": f"{n}.png", **writer.results[t]} for t, n in enumerate(prep.names)]
@@ -882,6 +949,13 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     for note in prep.notes:
         print(f"note: {note}", file=sys.stderr)
+    try:
+        apply_fn, compile_seconds = compile_model(args, prep)
+    except (InputError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -890,7 +964,7 @@ def main(argv=None) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        report = run(args, prep, staging)
+        report = run(args, prep, staging, apply_fn, compile_seconds)
         with open(staging / args.metrics_name, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         commit_output(staging, output)

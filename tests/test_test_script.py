@@ -415,3 +415,15 @@ def test_overwrite_replaces_the_old_output_after_success(script, dataset, checkp
     assert run_script(script, *spike_args(dataset, checkpoint, out), "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in NAMES] + ["metrics.json"])
     assert leftovers(tmp_path) == []
+
+
+def test_a_window_that_does_not_fit_in_memory_is_refused_before_compute(script, dataset, checkpoint, tmp_path,
+                                                                       capsys, monkeypatch):
+    monkeypatch.setattr(script, "_available_memory", lambda: (2 ** 20, "available RAM"))
+    monkeypatch.setattr(script, "run", lambda *a, **k: pytest.fail("computed although the window cannot fit"))
+    out = tmp_path / "out"
+    assert run_script(script, *spike_args(dataset, checkpoint, out)) == 2
+    err = capsys.readouterr().err
+    assert "one 3x64x64 window of this model needs" in err and "0.0 GiB are available RAM" in err
+    assert "--tile 2 64" in err  # a 64 px tile cannot shrink: fewer frames per chunk
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -478,6 +478,19 @@ def model_upscale(model) -> int:
     return int(getattr(vrt_config, "upscale", 1))
 
 
+def _memory_analysis(compiled) -> Optional[Dict[str, int]]:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    out = {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
+           "output_bytes": int(stats.output_size_in_bytes)}
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
 class ApplyFn:
     """A jitted `apply_fn(frames [1,t,h,w,3], spikes [1,t,h/f,w/f,K] or None) -> [1,t,h*s,w*s,3]` of one model.
 
@@ -490,6 +503,8 @@ class ApplyFn:
       uses_spikes, spike_scale, spike_bins, upscale: what the model takes and gives.
       compiles: compilations triggered by this ApplyFn's calls (and `compile`).
       compile_seconds: wall time spent in `compile`.
+      window_memory: XLA's memory analysis of the last `compile` ({'temp_bytes', 'argument_bytes',
+        'output_bytes', 'total_bytes'}: the working memory one window needs besides the runtime), or None.
     """
 
     def __init__(self, model):
@@ -506,6 +521,7 @@ class ApplyFn:
         self._jitted, self._traces = _jitted_for(self.graphdef)
         self.compiles = 0
         self.compile_seconds = 0.0
+        self.window_memory: Optional[Dict[str, int]] = None
 
     def _spikes(self, spike_voxels):
         if not self.uses_spikes:
@@ -536,10 +552,11 @@ class ApplyFn:
             spikes_spec = jax.ShapeDtypeStruct(tuple(spikes_shape), jnp.float32)
         start = time.perf_counter()
         before = self._traces[0]
-        self._jitted.lower(self.state, frames_spec, spikes_spec).compile()
+        compiled = self._jitted.lower(self.state, frames_spec, spikes_spec).compile()
         self.compiles += self._traces[0] - before
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
+        self.window_memory = _memory_analysis(compiled)
         return seconds
 
     def compile_for(self, plan: TilePlan, channels: int = 3) -> float:
@@ -552,10 +569,43 @@ class ApplyFn:
         return self.compile((1, t, h, w, channels), spikes)
 
 
+# VRTConfig fields that change how the model computes, not what (see vrtspike_jax.models.vrt.config.VRTConfig).
+EXECUTION_OPTIONS = ("attention_chunk_windows", "attention_per_head", "alignment_chunk", "scan_blocks")
+
+
+def with_execution_options(model, **options):
+    """The same model (the very same parameters) with other VRT execution options, e.g.
+    `attention_chunk_windows=256` or `attention_per_head=True` to bound the attention memory of large tiles at
+    inference. These options change how the model is computed, not the function; only they are accepted.
+    """
+    from vrtspike_jax.models import VRT, VRTWithSpike
+
+    unknown = sorted(set(options) - set(EXECUTION_OPTIONS))
+    if unknown:
+        raise ValueError(f"not execution options: {unknown}; known: {list(EXECUTION_OPTIONS)}")
+    if not options:
+        return model
+    config = model.config
+    if isinstance(model, VRTWithSpike):
+        new_config = config.replace(vrt=config.vrt.replace(**options))
+        abstract = nnx.eval_shape(lambda: VRTWithSpike(new_config, rngs=nnx.Rngs(0)))
+    elif isinstance(model, VRT):
+        new_config = config.replace(**options)
+        abstract = nnx.eval_shape(lambda: VRT(new_config, rngs=nnx.Rngs(0)))
+    else:
+        raise TypeError(f"expected a VRTWithSpike or a VRT, got {type(model).__name__}")
+    graphdef, abstract_state = nnx.split(abstract)
+    _, state = nnx.split(model)
+    if jax.tree.structure(abstract_state) != jax.tree.structure(state):
+        raise ValueError(f"execution options {options} changed the model's variables; they must not")
+    return nnx.merge(graphdef, state)
+
+
 def make_apply_fn(model) -> ApplyFn:
     """The jitted apply function of a VRTWithSpike or VRT (see `ApplyFn`) for `restore_video`."""
     return ApplyFn(model)
 
 
-__all__ = ["ApplyFn", "AxisTiling", "TilePlan", "TileSpec", "check_clip", "iter_restored_frames", "make_apply_fn",
-           "model_spike_spec", "model_upscale", "model_uses_spikes", "plan_tiles", "read_window", "restore_video"]
+__all__ = ["EXECUTION_OPTIONS", "ApplyFn", "AxisTiling", "TilePlan", "TileSpec", "check_clip", "iter_restored_frames",
+           "make_apply_fn", "model_spike_spec", "model_upscale", "model_uses_spikes", "plan_tiles", "read_window",
+           "restore_video", "with_execution_options"]
