@@ -206,14 +206,18 @@ def check_images(paths: Sequence[Path], what: str, size: Optional[Tuple[int, int
 
 
 class _Chunk:
-    """Frames [t, H, W, C] kept compact (uint8 / uint16); slicing gives float32 through `convert`."""
+    """A temporal chunk [t, H, W, C] as the list of its (compact, uint8/uint16) frames; slicing `[:, ys, xs]` cuts
+    every frame, stacks only the window and converts it to float32 through `convert`."""
 
-    def __init__(self, data: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]):
-        self.data, self.convert = data, convert
-        self.shape = data.shape
+    def __init__(self, frames: List[np.ndarray], convert: Callable[[np.ndarray], np.ndarray]):
+        self.frames, self.convert = frames, convert
+        self.shape = (len(frames),) + tuple(frames[0].shape)
 
     def __getitem__(self, index):
-        return self.convert(self.data[index])
+        index = index if isinstance(index, tuple) else (index,)
+        time_index, rest = index[0], index[1:]
+        picked = self.frames[time_index] if isinstance(time_index, slice) else [self.frames[time_index]]
+        return self.convert(np.stack([frame[rest] for frame in picked]))
 
 
 class FrameSource:
@@ -246,7 +250,7 @@ class FrameSource:
         if not isinstance(index, slice):
             raise TypeError("FrameSource supports slices along time only")
         start, stop, step = index.indices(self.shape[0])
-        return _Chunk(np.stack([self.frame(t) for t in range(start, stop, step)]), self.convert)
+        return _Chunk([self.frame(t) for t in range(start, stop, step)], self.convert)
 
 
 def _to_unit_float(data: np.ndarray) -> np.ndarray:

@@ -298,14 +298,21 @@ def check_clip(frames_shape: Sequence[int], spikes_shape: Optional[Sequence[int]
 ApplyFnType = Callable[[Any, Optional[Any]], Any]
 
 
+def _block_until_ready(value) -> None:
+    wait = getattr(value, "block_until_ready", None)
+    if wait is not None:
+        wait()
+
+
 def iter_restored_frames(apply_fn: ApplyFnType, frames, spike_voxels=None, *, tile: TileSpec, spike_scale: int = 1,
                          progress: Optional[Callable[[int], Any]] = None,
                          plan: Optional[TilePlan] = None) -> Iterator[Tuple[int, np.ndarray]]:
     """Restores a clip tile by tile and yields `(t, frame)` in order, each frame as soon as it is final.
 
     Args and layout as `restore_video`; each yielded frame is float32 `[H*s, W*s, C_out]`. Only the accumulators of
-    the current temporal chunk are held, so the memory does not grow with the clip length. Model calls are issued
-    one ahead of the host-side blending (JAX dispatches asynchronously), so reading and blending overlap compute.
+    the current temporal chunk are held, so the memory does not grow with the clip length. One window computes at a
+    time (its memory is the bound), but JAX dispatches asynchronously, so reading the next window and blending the
+    previous one overlap the computation.
     `plan` may be given if already computed with `plan_tiles` (it must match the clip).
     """
     frames_shape = _shape_of(frames)
@@ -388,9 +395,11 @@ def iter_restored_frames(apply_fn: ApplyFnType, frames, spike_voxels=None, *, ti
             for wi, x0 in enumerate(w_axis.starts):
                 frames_in = read_window(frame_chunk, plan, y0, x0)
                 spikes_in = None if spike_chunk is None else read_window(spike_chunk, plan, y0, x0, f)
+                if pending is not None:  # one window in flight at a time: its memory is the bound
+                    _block_until_ready(pending[0])
                 out = apply_fn(frames_in[None], None if spikes_in is None else spikes_in[None])
                 item = (out, ci, hi, wi, frames_in.shape)
-                if pending is not None:
+                if pending is not None:  # blend the previous window while this one computes
                     yield from finish(pending)
                 pending = item
         del frame_chunk, spike_chunk
