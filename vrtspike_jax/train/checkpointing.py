@@ -95,7 +95,7 @@ def abstract_model(model_config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
     mapping.pop("init_vrt_from", None)
     model = nnx.eval_shape(lambda: build_model(mapping, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+r"""The baseline: VRT (official deblurring layout) + spike branch, trained with the original's recipe.
+
+    python main.py --config=configs/baseline.py --workdir=runs/baseline              # embedded data (a GPU run)
+    python main.py --config=configs/baseline.py --workdir=runs/x4k --config.data.root=/data/x4k_ours \
+        --config.loss.vgg_weights=/weights/vgg16_features.npz --config.model.init_vrt_from=/weights/006_VRT.npz
+    python main.py --config=configs/baseline.py:quick --workdir=runs/quick           # a first try on a laptop
+
+Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quick,vrt_only`):
+  quick     a small VRT+Spike (same architecture, fewer blocks and channels) on the embedded dataset at 64x64
+            crops; about 10 minutes on 2 CPU cores with a clear PSNR gain over the blurry input. No VGG term
+            (the VGG weights are a local file a first try does not have).
+  vrt_only  the plain-VRT control of the same size (use_spike=False).
+  vrt120    the seed's 120-channel VRT layout in stages 1-7 (the 4x-SR VRT's widths, upscale 1).
+  fuse14    fusion after stages 1-4 only (S-VRT's later choice) instead of 1-7.
+  tiny      a few-second model and dataset for tests and smoke runs (not a meaningful training).
+
+Hyper-parameters (SPEC section 3): Charbonnier(delta 1e-3) + 0.1 x VGG16-relu3_3 L1 perceptual loss; AdamW lr 2e-4,
+betas (0.9, 0.99), weight decay 1e-4 (decoupled, on every parameter as PyTorch's AdamW), linear warm-up 5k steps
+then cosine to 1e-7; batch 8; seed 123; T = 5 frames, 256x256 crops, K = 32 bins; validation every 1000 steps
+with best/last checkpoints; triptychs every 10k steps. Total steps 300k (VRT's deblurring recipe; the original
+does not fix it). Gradient clipping at global norm 1.0 (the original does not state one; 0 disables).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from data_pipelines import input_pipeline
+
+placeholder = ml_collections.config_dict.placeholder
+
+
+def _model_config(data) -> ml_collections.ConfigDict:
+    """The `model` section (fields of vrtspike_jax.models.model_config_from_dict)."""
+    model = ml_collections.ConfigDict()
+    model.vrt_preset = "deblur"                 # official deblurring VRT: 18.3M parameters, widths [96]*7+[120]*4
+    model.vrt_overrides = ml_collections.ConfigDict()   # VRTConfig architecture fields (depths, embed_dims, ...)
+    model.init_vrt_from = placeholder(str)     # official VRT weights (.npz or .pth state_dict) for the RGB branch
+    model.remat = "full"                        # rematerialise every TMSA block in training (memory)
+    model.scan_blocks = False
+    model.attention_chunk_windows = 0
+    model.alignment_chunk = 0
+    model.dtype = "auto"                        # bfloat16 compute on GPU/TPU, float32 on CPU; or None / 'bfloat16'
+    model.param_dtype = "float32"
+    model.use_spike = True
+    model.spike_bins = data.get_ref("num_bins")        # K follows the data
+    model.fuse_stages = (1, 2, 3, 4, 5, 6, 7)
+    model.spike_scale = data.get_ref("spike_scale")    # f follows the data
+    model.spike_upsample = "nearest"
+    model.spike_heads = 4
+    model.spike_mlp_ratio = 2.0
+    model.encoder_temporal_strides = (1, 1, 1)
+    return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The baseline without variants."""
+    config = ml_collections.ConfigDict()
+    config.seed = 123                           # parameters, drop-path rng and data order
+    config.total_steps = 300_000
+    config.global_batch_size = 8
+    config.log_every_steps = 50                 # training scalars (TensorBoard + train_metrics.jsonl)
+
+    config.data = input_pipeline.default_data_config()   # root None: the embedded dataset, built on first use
+    config.model = _model_config(config.data)
+
+    config.init = ml_collections.ConfigDict()
+    config.init.zero_output_conv = False        # True: vrt.conv_last starts at 0, so the model starts as identity
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-4
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.warmup_steps = 5000
+    config.optimizer.end_learning_rate = 1e-7
+    config.optimizer.schedule_steps = placeholder(int)   # cosine horizon; None: total_steps
+    config.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.charbonnier_delta = 1e-3
+    config.loss.perceptual_weight = 0.1
+    config.loss.vgg_weights = placeholder(str)  # .npz from scripts/convert_vgg_weights.py; required if weight != 0
+    config.loss.vgg_network = "vgg16"
+    config.loss.vgg_layers = ("relu3_3",)
+    config.loss.vgg_distance = "l1"
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 1000
+    config.eval.max_clips = -1                  # per process; -1: the whole validation split
+    config.eval.tile = ml_collections.ConfigDict(dict(temporal=0, temporal_overlap=0, spatial=256,
+                                                      spatial_overlap=20))   # inference.TileSpec
+    config.eval.quantize = True                 # 8-bit frames, as main_test_vrt.py
+    config.eval.crop_border = 0
+    config.eval.lpips_weights = placeholder(str)   # .npz from scripts/convert_lpips_weights.py
+    config.eval.lpips_convention = "standard"
+    config.eval.triptych_every_steps = 10_000   # blur | restored | sharp PNGs + image summaries
+    config.eval.num_triptychs = 4               # clips (of process 0) that get one
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep_last = 3
+    config.checkpoint.keep_best = 1
+    config.checkpoint.async_save = True
+
+    config.nonfinite = ml_collections.ConfigDict()
+    config.nonfinite.max_consecutive = 10       # K non-finite steps in a row stop the run
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1                       # -1: every device not used by fsdp
+    config.mesh.fsdp = 1                        # > 1 shards parameters and optimizer state over that many devices
+    config.mesh.fsdp_min_size = 2 ** 14
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False       # multi-host: True (or env VRTSPIKE_DISTRIBUTED=1)
+    config.distributed.coordinator_address = placeholder(str)   # None: detected from the cluster (TPU, SLURM, ...)
+    config.distributed.num_processes = placeholder(int)
+    config.distributed.process_id = placeholder(int)
+    config.distributed.initialization_timeout = 300    # seconds
+    config.distributed.cpu_collectives = "gloo"        # CPU-only multi-process runs
+
+    config.compilation_cache_dir = placeholder(str)    # persistent XLA cache (faster restarts)
+    return config
+
+
+def _quick(config: ml_collections.ConfigDict) -> None:
+    config.total_steps = 600
+    config.global_batch_size = 1
+    config.log_every_steps = 20
+    config.data.crop_size = 64
+    config.data.clip_length = 3
+    config.model.vrt_preset = "small_fixture"
+    config.model.vrt_overrides = ml_collections.ConfigDict(dict(
+        depths=(2,) * 7 + (1, 1), embed_dims=(16,) * 7 + (24, 24), num_heads=(2,) * 7 + (3, 3),
+        deformable_groups=4, window_size=(3, 8, 8), indep_reconsts=(8,), drop_path_rate=0.0))
+    config.model.remat = "none"
+    config.init.zero_output_conv = True
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 20
+    config.optimizer.end_learning_rate = 1e-5
+    config.loss.perceptual_weight = 0.0
+    config.eval.every_steps = 200
+    config.eval.tile.spatial = 0
+    config.eval.tile.spatial_overlap = 0
+    config.eval.triptych_every_steps = 200
+    config.eval.num_triptychs = 2
+    config.checkpoint.every_steps = 200
+    config.compilation_cache_dir = "~/.cache/vrtspike_jax/xla"
+
+
+def _tiny(config: ml_collections.ConfigDict) -> None:
+    """Seconds per step on a CPU: tests and smoke runs only."""
+    _quick(config)
+    config.total_steps = 4
+    config.global_batch_size = 2               # two processes of the multi-host test get one sample each
+    config.log_every_steps = 1
+    config.data.embedded.update(dict(height=64, width=64, train_sequences=2, val_sequences=1, train_frames=4,
+                                     val_frames=3, subframes=8, blur_px=4.0))
+    config.data.num_bins = 4
+    config.data.clip_length = 2
+    config.data.crop_size = 64
+    config.data.num_parallel_calls = 1
+    config.model.vrt_overrides.update(dict(depths=(1,) * 8, embed_dims=(16,) * 7 + (24,), num_heads=(2,) * 7 + (3,),
+                                           indep_reconsts=(), window_size=(2, 8, 8)))
+    config.eval.every_steps = 2
+    config.eval.triptych_every_steps = 2
+    config.checkpoint.every_steps = 2
+    config.compilation_cache_dir = None
+
+
+VARIANTS = {
+    "quick": _quick,
+    "tiny": _tiny,
+    "vrt_only": lambda c: setattr(c.model, "use_spike", False),
+    "vrt120": lambda c: c.model.update(dict(vrt_preset="sr_reds", vrt_overrides=ml_collections.ConfigDict(
+        dict(upscale=1)))),
+    "fuse14": lambda c: setattr(c.model, "fuse_stages", (1, 2, 3, 4)),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The baseline config with the comma-separated variants of `arg` applied in order (see the module docstring)."""
+    config = base_config()
+    for name in [a.strip() for a in (arg or "").split(",") if a.strip()]:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r} of configs/baseline.py; known: {sorted(VARIANTS)}")
+        VARIANTS[name](config)
+    config.variant = arg or ""
+    return config

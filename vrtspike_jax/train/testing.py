@@ -1,0 +1,98 @@
+"""Helpers for the training tests and smoke runs: subprocess runs of main.py with the `tiny` variant.
+
+Test runs go through subprocesses so each has its own XLA flags (fake CPU devices, a lower backend optimisation
+level that halves the CPU compile time of the model) and all of them share one persistent compilation cache:
+the same train-step program is compiled once per test session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+from vrtspike_jax.train.run_record import code_root
+
+REPO_ROOT = code_root()
+MAIN = REPO_ROOT / "main.py"
+# Faster XLA:CPU compiles (about half) for short test runs; results are deterministic for a given setting.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def subprocess_env(*, device_count: Optional[int] = None, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment of a test subprocess: CPU only, quiet TF, test XLA flags (+ fake devices)."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if TEST_XLA_FLAGS not in flags:
+        flags.append(TEST_XLA_FLAGS)
+    if device_count:
+        flags.append(f"--xla_force_host_platform_device_count={int(device_count)}")
+    env.update({"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+                "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
+                    [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])})
+    env.pop("VRTSPIKE_DISTRIBUTED", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def overrides_to_flags(overrides: Mapping[str, object]) -> List[str]:
+    """{'total_steps': 4, 'data.root': None} -> ['--config.total_steps=4', '--config.data.root=None']."""
+    flags = []
+    for key, value in overrides.items():
+        if isinstance(value, (tuple, list)):
+            value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
+def main_command(workdir, variant: str = "tiny", overrides: Optional[Mapping[str, object]] = None) -> List[str]:
+    """`python main.py --config=configs/baseline.py:<variant> --workdir=W --config.k=v ...`."""
+    return [sys.executable, str(MAIN), f"--config={REPO_ROOT / 'configs' / 'baseline.py'}:{variant}",
+            f"--workdir={workdir}"] + overrides_to_flags(overrides or {})
+
+
+def run_main(workdir, variant: str = "tiny", overrides: Optional[Mapping[str, object]] = None, *,
+             device_count: Optional[int] = None, timeout: float = 900,
+             extra_env: Optional[Mapping[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs main.py to completion; with `check`, a non-zero exit raises AssertionError with the output's tail."""
+    result = subprocess.run(main_command(workdir, variant, overrides), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=timeout, env=subprocess_env(device_count=device_count,
+                                                                           extra=extra_env))
+    if check and result.returncode != 0:
+        raise AssertionError(f"main.py exited with {result.returncode}:\n{tail(result)}")
+    return result
+
+
+def tail(result: subprocess.CompletedProcess, lines: int = 60) -> str:
+    text = (result.stdout or "") + (result.stderr or "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def read_jsonl(path) -> List[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(path) -> Dict[int, List[float]]:
+    """step -> every loss logged for it in a train_metrics.jsonl (several when a resume repeated the step)."""
+    out: Dict[int, List[float]] = {}
+    for record in read_jsonl(path):
+        out.setdefault(int(record["step"]), []).append(record["loss"])
+    return out
+
+
+def tiny_overrides(embedded_dir, cache_dir, **more) -> Dict[str, object]:
+    """Overrides every tiny test run shares (the train-step program depends only on these and the variant)."""
+    overrides: Dict[str, object] = {"data.embedded_dir": embedded_dir, "compilation_cache_dir": cache_dir,
+                                    "optimizer.schedule_steps": 16}
+    overrides.update(more)
+    return overrides
+
+
+__all__ = ["MAIN", "REPO_ROOT", "TEST_XLA_FLAGS", "losses_by_step", "main_command", "overrides_to_flags",
+           "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides"]

@@ -1,0 +1,631 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Order (as big_vision's train.py): distributed init, mesh, losses (a missing VGG file fails here, before any
+compile), the model's abstract parameters and their shardings, the optimizer, the checkpoints (resume if any,
+else host initialisation placed shard by shard), the run record, the input at the restored step, the
+ahead-of-time compiled train step (compile time and memory logged), then the loop: donated update step, metrics one
+step behind (no host sync per step), validation, checkpoints.
+
+The train step: one `jax.jit` with in/out shardings over the ("data", "fsdp") mesh; the NNX model is split into a
+graphdef (static) and a parameter pure dict (the jit argument); drop-path rng = fold_in(base key, step); loss =
+Charbonnier + w x VGG perceptual; AdamW (optax, decoupled weight decay) with linear warm-up then cosine, after
+global-norm clipping. A non-finite loss or gradient norm leaves parameters and optimizer state unchanged (the step
+still counts, so the input moves on), is logged with the step's samples, and `nonfinite.max_consecutive` such
+steps in a row stop the run with NonFiniteLossError, keeping the last checkpoint (nothing is saved at the stop).
+
+Outputs in WORKDIR (only process 0 writes files other than checkpoints; see docs/TRAINING.md):
+  checkpoints/{last,best}/<step>/   Orbax (vrtspike_jax.train.checkpointing), every process writes its shards
+  tensorboard/                      CLU metric writer: train/*, val/*, triptych images, steps/s, ETA
+  train_metrics.jsonl               one line per log step: {"step", "loss", "charbonnier", "perceptual",
+                                    "grad_norm", "learning_rate", "nonfinite_steps"} (means over the window)
+  metrics/val_step_<step>.json      validation metrics (vrtspike_jax.train.validation)
+  triptychs/step_<step>_<seq>_<frame>.png   blur | restored | sharp
+  nonfinite_steps.jsonl             skipped steps with their samples
+  run_records/run_<k>_step_<s>.json code revision, full config, installed packages (per start)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vrtspike_jax.losses import RestorationLoss
+from vrtspike_jax.models import build_model
+from vrtspike_jax.train import checkpointing, sharding, validation
+from vrtspike_jax.train.run_record import write_run_record
+
+TRAIN_BATCH_KEYS = ("blur", "sharp", "spike_vox")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when `nonfinite.max_consecutive` train steps in a row had a non-finite loss or gradient."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def _get(config, path: str, default=None):
+    node = config
+    for part in path.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return default if node is None else node
+
+
+def maybe_initialize_distributed(config) -> bool:
+    """Calls `jax.distributed.initialize` when `config.distributed.initialize` is true or the environment sets
+    VRTSPIKE_DISTRIBUTED=1 (and it has not run yet). Returns whether this is a multi-process run.
+
+    Coordinator address, process count and id come from the config or, when unset, from the cluster environment
+    (Cloud TPU, SLURM, ...). On CPU the cross-process collectives use `distributed.cpu_collectives` (gloo).
+    """
+    wanted = bool(_get(config, "distributed.initialize", False)) or os.environ.get("VRTSPIKE_DISTRIBUTED") == "1"
+    if wanted and not jax.distributed.is_initialized():
+        collectives = _get(config, "distributed.cpu_collectives", "gloo")
+        if collectives:
+            jax.config.update("jax_cpu_collectives_implementation", collectives)
+        kwargs = {k: _get(config, f"distributed.{k}") for k in ("coordinator_address", "num_processes",
+                                                                 "process_id")}
+        timeout = int(_get(config, "distributed.initialization_timeout", 300))
+        logging.info("jax.distributed.initialize(%s, initialization_timeout=%d)", kwargs, timeout)
+        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None},
+                                   initialization_timeout=timeout)
+    return jax.process_count() > 1
+
+
+def enable_compilation_cache(config) -> None:
+    """Persistent XLA compilation cache in `config.compilation_cache_dir` (if set): restarts skip compiling."""
+    folder = _get(config, "compilation_cache_dir")
+    if folder:
+        folder = os.path.expanduser(str(folder))
+        os.makedirs(folder, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW (decoupled weight decay on every parameter) with linear warm-up from 0 to
+    `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at `optimizer.schedule_steps`
+    (None: `total_steps`). Returns (transformation, schedule)."""
+    opt = config.optimizer
+    total = int(_get(config, "optimizer.schedule_steps") or config.total_steps)
+    warmup = int(opt.warmup_steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=min(warmup, max(total - 1, 0)),
+        decay_steps=max(total, warmup + 1, 1), end_value=float(opt.end_learning_rate))
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
+                                                  eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+    clip = float(_get(config, "optimizer.grad_clip_norm", 0.0))
+    tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    return tx, schedule
+
+
+def learning_rate_of(opt_state) -> jax.Array:
+    """The learning rate of the last update, read from the optimizer state (inject_hyperparams)."""
+    def is_injected(node) -> bool:
+        return isinstance(getattr(node, "hyperparams", None), dict)
+
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(s)]
+    return states[0].hyperparams["learning_rate"]
+
+
+def make_loss(config) -> RestorationLoss:
+    """The training loss of `config.loss` (a missing VGG weights file with a non-zero weight fails here)."""
+    loss = config.loss
+    return RestorationLoss(charbonnier_delta=float(loss.charbonnier_delta),
+                           perceptual_weight=float(loss.perceptual_weight), vgg_weights=_get(config, "loss.vgg_weights"),
+                           vgg_network=str(loss.vgg_network), vgg_layers=tuple(loss.vgg_layers),
+                           vgg_distance=str(loss.vgg_distance))
+
+
+def batch_keys(use_spike: bool) -> Tuple[str, ...]:
+    return TRAIN_BATCH_KEYS if use_spike else ("blur", "sharp")
+
+
+def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransformation, *, use_spike: bool):
+    """The pure train step `(params, train_state, batch, vgg_params) -> (params, train_state, metrics)`.
+
+    params: the model's nnx.Param pure dict. train_state: {"step": int32, "opt_state", "rng": uint32 key data}.
+    batch: {"blur", "sharp" [B, T, H, W, 3], "spike_vox" [B, T, H/f, W/f, K]}. metrics: float32 scalars
+    "loss", "charbonnier", "perceptual", "grad_norm", "learning_rate" and "finite" (1.0 when the update was applied).
+    """
+
+    def train_step(params, train_state, batch, vgg_params):
+        step = train_state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(train_state["rng"]), step)
+
+        def compute_loss(p):
+            model = nnx.merge(graphdef, p)
+            restored = model(batch["blur"], batch["spike_vox"] if use_spike else None, rng=rng)
+            return loss_fn(restored, batch["sharp"], vgg_params)
+
+        (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, train_state["opt_state"])
+        metrics = {"loss": loss, "charbonnier": terms["charbonnier"], "perceptual": terms["perceptual"],
+                   "grad_norm": grad_norm, "learning_rate": learning_rate_of(new_opt_state),
+                   "finite": finite.astype(jnp.float32)}
+        new_train_state = {"step": step + 1, "opt_state": new_opt_state, "rng": train_state["rng"]}
+        return new_params, new_train_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+    return train_step
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything the sharded train step needs, built from a config and a mesh (see `build_train_setup`).
+
+    The train state is two trees: `params` (the model's nnx.Param pure dict, sharded by `param_shardings`) and
+    `train_state` ({"step", "opt_state", "rng"}, sharded by `train_state_shardings`).
+    """
+
+    config: Any
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    abstract_params: Any
+    param_shardings: Any
+    abstract_train_state: Any
+    train_state_shardings: Any
+    tx: optax.GradientTransformation
+    loss_fn: RestorationLoss
+    use_spike: bool
+    model_mapping: Dict[str, Any]
+    vgg_params: Any
+
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        return batch_keys(self.use_spike)
+
+    @property
+    def batch_shardings(self) -> Dict[str, jax.sharding.NamedSharding]:
+        return {k: sharding.batch_sharding(self.mesh) for k in self.keys}
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.abstract_params))
+
+    def abstract_targets(self):
+        """(params, train_state) as ShapeDtypeStructs carrying their shardings (restore targets)."""
+        return (_abstract_with_shardings(self.abstract_params, self.param_shardings),
+                _abstract_with_shardings(self.abstract_train_state, self.train_state_shardings))
+
+    def init_state(self, host_params, seed: int):
+        """(params, train_state) at step 0 from host parameters (identical on every process), placed shard by
+        shard; the optimizer state is initialised by a jitted tx.init straight into its shardings."""
+        repl = sharding.replicated(self.mesh)
+        params = sharding.put_global(host_params, self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.train_state_shardings["opt_state"])(params)
+        rng = np.asarray(jax.random.key_data(jax.random.key(int(seed))), np.uint32)
+        train_state = {"step": sharding.put_global(np.int32(0), repl), "opt_state": opt_state,
+                       "rng": sharding.put_global(rng, repl)}
+        return params, train_state
+
+    def jit_step(self):
+        """`jax.jit` of the train step with explicit in/out shardings; params and train_state are donated."""
+        repl = sharding.replicated(self.mesh)
+        vgg_shardings = jax.tree.map(lambda _: repl, self.vgg_params)
+        return jax.jit(make_train_step(self.graphdef, self.loss_fn, self.tx, use_spike=self.use_spike),
+                       in_shardings=(self.param_shardings, self.train_state_shardings, self.batch_shardings,
+                                     vgg_shardings),
+                       out_shardings=(self.param_shardings, self.train_state_shardings, repl),
+                       donate_argnums=(0, 1))
+
+    def compile_step(self, params, train_state, batch_shapes: Mapping[str, Tuple[int, ...]]):
+        """Ahead-of-time compiled step for global batch arrays of `batch_shapes`: (compiled, seconds, memory)."""
+        shardings = self.batch_shardings
+        abstract_batch = {k: jax.ShapeDtypeStruct(tuple(batch_shapes[k]), jnp.float32, sharding=shardings[k])
+                          for k in self.keys}
+        start = time.perf_counter()
+        lowered = self.jit_step().lower(params, train_state, abstract_batch, self.vgg_params)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        logging.info("train step: traced and lowered in %.1f s, compiled in %.1f s", lowered_at - start,
+                     time.perf_counter() - lowered_at)
+        return compiled, time.perf_counter() - start, _memory_summary(compiled)
+
+
+def build_train_setup(config, mesh: jax.sharding.Mesh) -> TrainSetup:
+    """The loss (a missing VGG weights file fails here), the model's abstract parameters and their shardings, the
+    optimizer and its state's shardings, for `config` on `mesh`."""
+    loss_fn = make_loss(config)
+    mapping = checkpointing.model_mapping(config.model)
+    graphdef, abstract_params = checkpointing.abstract_model(mapping)
+    param_shardings = sharding.tree_shardings(abstract_params, mesh, config.mesh)
+    tx, _ = make_optimizer(config)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = sharding.replicated(mesh)
+    train_state_shardings = {"step": repl, "opt_state": sharding.tree_shardings(abstract_opt, mesh, config.mesh),
+                             "rng": repl}
+    abstract_train_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": abstract_opt,
+                            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    vgg_params = jax.tree.map(lambda a: sharding.put_global(np.asarray(a), repl), loss_fn.vgg_params)
+    return TrainSetup(config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
+                      param_shardings=param_shardings, abstract_train_state=abstract_train_state,
+                      train_state_shardings=train_state_shardings, tx=tx, loss_fn=loss_fn,
+                      use_spike=bool(mapping.get("use_spike", True)), model_mapping=mapping, vgg_params=vgg_params)
+
+
+class StepMetrics:
+    """Host-side bookkeeping of finished train steps: window means for logging and the non-finite guard.
+
+    `add(values)` takes a step's metrics (floats, with "finite"); it returns False for a skipped (non-finite) step.
+    `should_stop` is true once `max_consecutive` steps in a row were non-finite. `summary()` returns the window's
+    means (finite steps only) plus "nonfinite_steps" (the count) and starts a new window.
+    """
+
+    LOGGED = ("loss", "charbonnier", "perceptual", "grad_norm", "learning_rate")
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max(1, int(max_consecutive))
+        self.in_row = 0
+        self._window: Dict[str, List[float]] = {}
+        self._nonfinite = 0
+
+    def add(self, values: Mapping[str, float]) -> bool:
+        if values["finite"] < 1.0:
+            self.in_row += 1
+            self._nonfinite += 1
+            return False
+        self.in_row = 0
+        for key in self.LOGGED:
+            self._window.setdefault(key, []).append(float(values[key]))
+        return True
+
+    @property
+    def should_stop(self) -> bool:
+        return self.in_row >= self.max_consecutive
+
+    def summary(self) -> Dict[str, float]:
+        out = {k: float(np.mean(v)) for k, v in self._window.items()}
+        out["nonfinite_steps"] = float(self._nonfinite)
+        self._window, self._nonfinite = {}, 0
+        return out
+
+
+
+def _model_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "model") -> List[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += _model_differences(a, b, f"{prefix}.{key}")
+        elif json.dumps(a) != json.dumps(b) and key != "init_vrt_from":
+            diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
+    return diffs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _host_init(config, model_mapping: Dict[str, Any]) -> Dict[str, Any]:
+    """Parameters drawn on the host from the seed (same on every process), optionally with official VRT weights."""
+    mapping = dict(model_mapping)
+    init_from = mapping.pop("init_vrt_from", None)
+    model = build_model(mapping, rngs=nnx.Rngs(int(config.seed)))
+    if init_from:
+        from vrtspike_jax.convert import load_official_weights_into
+
+        load_official_weights_into(model, os.path.expanduser(str(init_from)))
+        logging.info("RGB branch initialised from official VRT weights %s", init_from)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if bool(_get(config, "init.zero_output_conv", False)):
+        # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
+        params["vrt"]["conv_last"] = jax.tree.map(np.zeros_like, params["vrt"]["conv_last"])
+        logging.info("vrt.conv_last initialised to zero: the model starts as the identity")
+    return params
+
+
+def _sample_metadata(train_iter, step: int, global_batch_size: int) -> List[Dict[str, Any]]:
+    """The global batch of `step` (0-based) as {position, name, crop_y, crop_x, hflip, vflip} per sample."""
+    samples = []
+    for position in range(step * global_batch_size, (step + 1) * global_batch_size):
+        clip, y, x, hflip, vflip = train_iter.planner.plan(position)
+        samples.append({"position": position, "name": train_iter.sample_name(clip), "crop_y": y, "crop_x": x,
+                        "hflip": hflip, "vflip": vflip})
+    return samples
+
+
+def train_and_evaluate(config, workdir) -> Dict[str, Any]:
+    """Trains `config.total_steps` steps (resuming from WORKDIR's last checkpoint if there is one), validating every
+    `eval.every_steps`; returns a summary {"step", "workdir", "checkpoints", "tensorboard", "triptychs",
+    "metrics_dir", "validation" (the last validation's metrics, or None)}.
+
+    Every process of a multi-process run calls this with the same config and workdir (a shared filesystem).
+    """
+    from clu import metric_writers, periodic_actions
+
+    from data_pipelines import input_pipeline
+    from vrtspike_jax.inference import TileSpec, make_apply_fn
+
+    maybe_initialize_distributed(config)
+    enable_compilation_cache(config)
+    workdir = Path(os.path.expanduser(os.fspath(workdir))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    config_dict = checkpointing.config_to_dict(config)
+
+    def append_jsonl(name: str, record: Mapping[str, Any]) -> None:
+        if is_main:
+            with open(workdir / name, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    if is_main:
+        logging.info("config:\n%s", config)
+
+    # ---- mesh, loss, model abstract shapes and shardings, optimizer
+    mesh = sharding.make_mesh(config.mesh)
+    global_batch_size = int(config.global_batch_size)
+    sharding.check_batch_size(global_batch_size, mesh, process_count)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, process_count)
+    setup = build_train_setup(config, mesh)
+    graphdef, use_spike = setup.graphdef, setup.use_spike
+    logging.info("model: %s parameters (use_spike=%s, dtype=%s)", f"{setup.num_params:,}", use_spike,
+                 setup.model_mapping.get("dtype"))
+
+    # ---- checkpoints: resume or initialise
+    ckpt_cfg = config.checkpoint
+    checkpoints = checkpointing.RunCheckpoints(workdir, keep_last=int(ckpt_cfg.keep_last),
+                                               keep_best=int(ckpt_cfg.keep_best),
+                                               async_save=bool(ckpt_cfg.async_save))
+    latest = checkpoints.latest_step()
+    resumed_from = None
+    if latest is not None:
+        saved_config = checkpoints.read_config(latest)
+        diffs = _model_differences(saved_config.get("model", {}), config_dict["model"])
+        if diffs:
+            raise ValueError(f"{workdir} holds checkpoints of another model; differences: {'; '.join(diffs)}. "
+                             "Use a new --workdir (or the same model config) to go on.")
+        params, train_state, saved_position, _ = checkpoints.restore_last(latest, *setup.abstract_targets())
+        start_step = int(jax.device_get(train_state["step"]))
+        if int(saved_position.get("global_batch_size", global_batch_size)) != global_batch_size:
+            logging.warning("global_batch_size changed from %s to %d: the input order after the resume differs from an "
+                            "uninterrupted run", saved_position.get("global_batch_size"), global_batch_size)
+        resumed_from = str(workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest))
+        logging.info("resumed from %s (step %d)", resumed_from, start_step)
+    else:
+        params, train_state = setup.init_state(_host_init(config, setup.model_mapping), int(config.seed))
+        start_step = 0
+    best_psnr = checkpoints.best_value()
+
+    if is_main:
+        record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
+                                  extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape)})
+        logging.info("run record: %s", record)
+
+    # ---- input
+    total_steps = int(config.total_steps)
+    data_seed = int(config.seed)
+    train_iter = input_pipeline.create_train_iterator(config.data, global_batch_size=global_batch_size,
+                                                      seed=data_seed, start_step=start_step,
+                                                      process_index=process_index, process_count=process_count)
+    eval_iter = input_pipeline.create_eval_iterator(config.data, process_index=process_index,
+                                                    process_count=process_count)
+    logging.info("data: %s (%d training clips, %d validation clips on this process)", train_iter.root,
+                 train_iter.num_samples, len(eval_iter))
+
+    def data_position(steps_done: int) -> Dict[str, Any]:
+        return {"next_step": int(steps_done), "data_seed": data_seed, "global_batch_size": global_batch_size,
+                "samples_seen": int(steps_done) * global_batch_size, "train_root": str(train_iter.root),
+                "num_train_clips": int(train_iter.num_samples)}
+
+    # ---- the compiled train step
+    spec = train_iter.element_spec
+    batch_shapes = {k: (global_batch_size,) + tuple(spec[k].shape[1:]) for k in setup.keys}
+    compiled_step, compile_seconds, memory = setup.compile_step(params, train_state, batch_shapes)
+    logging.info("train step compiled in %.1f s; memory per device: %s", compile_seconds, memory)
+    replicate = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
+
+    # ---- writers
+    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not is_main,
+                                                  asynchronous=True)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config_dict).items()
+                              if isinstance(v, (int, float, str, bool))})
+    writer.write_scalars(start_step, {"compile/train_step_seconds": compile_seconds})
+    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                      every_steps=int(config.log_every_steps), every_secs=None)
+    lpips = None
+    if _get(config, "eval.lpips_weights"):
+        lpips = validation.LPIPSScorer(os.path.expanduser(str(config.eval.lpips_weights)),
+                                       str(_get(config, "eval.lpips_convention", "standard")))
+    tile = TileSpec.from_dict(dict(config.eval.tile))
+    input_metrics: Dict[str, float] = {}
+    last_validation: Optional[Dict[str, Any]] = None
+    for previous in validation.read_metrics_jsons(workdir):
+        last_validation = previous
+        input_metrics = {k: v for k, v in previous.items() if k.startswith("input_")}
+
+    def run_validation(steps_done: int) -> Dict[str, Any]:
+        nonlocal best_psnr, input_metrics, last_validation
+        start = time.perf_counter()
+        local_params = sharding.local_copy(replicate(params))
+        apply_fn = make_apply_fn(nnx.merge(graphdef, local_params))
+        triptych_every = int(_get(config, "eval.triptych_every_steps", 0))
+        want_triptychs = triptych_every > 0 and (steps_done % triptych_every == 0 or steps_done == total_steps)
+        images = {}
+
+        def on_triptych(seq: str, frame_idx: int, image: np.ndarray) -> None:
+            name = f"{seq.replace('/', '_')}_{frame_idx:06d}"
+            validation.save_png(workdir / "triptychs" / f"step_{steps_done:07d}_{name}.png", image)
+            images[f"triptych/{name}"] = image[None]
+
+        result = validation.evaluate(
+            apply_fn, eval_iter, tile=tile, spike_scale=int(config.data.spike_scale), use_spike=use_spike,
+            quantize=bool(config.eval.quantize), crop_border=int(config.eval.crop_border), lpips=lpips,
+            max_clips=int(config.eval.max_clips), want_input_metrics=not input_metrics,
+            triptych_clips=int(config.eval.num_triptychs) if (want_triptychs and is_main) else 0,
+            on_triptych=on_triptych if is_main else None)
+        if not input_metrics:
+            input_metrics = {k: v for k, v in result.items() if k.startswith("input_")}
+        result.update(input_metrics)
+        result["psnr_gain_over_input"] = result["psnr"] - result.get("input_psnr", float("nan"))
+        seconds = time.perf_counter() - start
+        scalars = {f"val/{k}": v for k, v in result.items() if isinstance(v, float)}
+        scalars["val/seconds"] = seconds
+        writer.write_scalars(steps_done, scalars)
+        if images:
+            writer.write_images(steps_done, images)
+        if is_main:
+            path = validation.write_metrics_json(workdir, steps_done, result, {
+                "seconds": seconds, "tile": tile.to_dict(), "quantize": bool(config.eval.quantize),
+                "crop_border": int(config.eval.crop_border), "process_count": process_count,
+                "conventions": "KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM "
+                               "11x11 Gaussian sigma 1.5, valid, population variance; mean over frames"})
+            logging.info("validation at step %d (%.1f s): PSNR %.3f dB (input %.3f), PSNR-Y %.3f, SSIM-Y %.4f -> %s",
+                         steps_done, seconds, result["psnr"], result.get("input_psnr", float("nan")),
+                         result["psnr_y"], result["ssim_y"], path)
+        if np.isfinite(result["psnr"]) and (best_psnr is None or result["psnr"] > best_psnr):
+            best_psnr = result["psnr"]
+            checkpoints.save_best(steps_done, params, data_position(steps_done), config_dict,
+                                  {k: v for k, v in result.items() if isinstance(v, float)})
+        last_validation = result
+        return result
+
+    # ---- the loop
+    log_every = max(1, int(config.log_every_steps))
+    eval_every = int(config.eval.every_steps)
+    ckpt_every = int(ckpt_cfg.every_steps)
+    step_metrics = StepMetrics(int(_get(config, "nonfinite.max_consecutive", 10)))
+    pending: Optional[Tuple[int, Any]] = None   # (0-based step, device metrics) not yet read back
+    if start_step >= total_steps:
+        logging.info("nothing to train: the checkpoint is at step %d and total_steps is %d", start_step,
+                     total_steps)
+
+    def read_back(item) -> None:
+        """Host side of a finished step (may raise NonFiniteLossError)."""
+        step, device_metrics = item
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if step_metrics.add(values):
+            return
+        samples = _sample_metadata(train_iter, step, global_batch_size)
+        logging.warning("step %d: non-finite loss %s / gradient norm %s: update skipped (%d in a row); samples: %s",
+                        step + 1, values["loss"], values["grad_norm"], step_metrics.in_row,
+                        [s["name"] for s in samples])
+        append_jsonl("nonfinite_steps.jsonl", {"step": step + 1, "loss": values["loss"],
+                                               "grad_norm": values["grad_norm"], "samples": samples})
+        if step_metrics.should_stop:
+            raise NonFiniteLossError(
+                f"{step_metrics.in_row} train steps in a row (up to step {step + 1}) had a non-finite loss or "
+                f"gradient; stopping. Those steps did not change the parameters; the last checkpoint (step "
+                f"{checkpoints.latest_step()}) in {workdir / checkpointing.CHECKPOINT_DIR} is kept. The samples "
+                f"are listed in {workdir / 'nonfinite_steps.jsonl'}.")
+
+    try:
+        for step in range(start_step, total_steps):
+            steps_done = step + 1
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = sharding.global_batch(next(train_iter), mesh, setup.keys)
+                params, train_state, device_metrics = compiled_step(params, train_state, batch, setup.vgg_params)
+            if pending is not None:
+                read_back(pending)
+            pending = (step, device_metrics)
+            report_progress(steps_done)
+            is_last = steps_done == total_steps
+            preempted = checkpoints.reached_preemption(steps_done)
+            due_log = steps_done % log_every == 0 or is_last
+            due_eval = (eval_every > 0 and steps_done % eval_every == 0) or is_last
+            due_ckpt = (ckpt_every > 0 and steps_done % ckpt_every == 0) or is_last or preempted
+            if due_log or due_eval or due_ckpt:
+                read_back(pending)
+                pending = None
+            if due_log:
+                summary = step_metrics.summary()
+                writer.write_scalars(steps_done, {f"train/{k}": v for k, v in summary.items()})
+                append_jsonl("train_metrics.jsonl", {"step": steps_done, **summary})
+            if due_ckpt:
+                checkpoints.save_last(steps_done, params, train_state, data_position(steps_done), config_dict,
+                                      force=True)
+            if due_eval:
+                run_validation(steps_done)
+            if preempted:
+                logging.warning("preemption signal received: saved step %d and stopping", steps_done)
+                break
+        if pending is not None:
+            read_back(pending)
+        if start_step >= total_steps and last_validation is None:
+            run_validation(start_step)
+    finally:
+        checkpoints.wait_until_finished()
+        writer.flush()
+    checkpoints.close()
+    writer.close()
+    summary = {
+        "step": int(max(start_step, min(total_steps, int(jax.device_get(train_state["step"]))))),
+        "workdir": str(workdir),
+        "checkpoints": str(workdir / checkpointing.CHECKPOINT_DIR),
+        "tensorboard": str(workdir / "tensorboard"),
+        "triptychs": str(workdir / "triptychs"),
+        "metrics_dir": str(workdir / "metrics"),
+        "validation": last_validation,
+        "compile_seconds": compile_seconds,
+    }
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The closing lines of a run: where its outputs are and the PSNR reached against the blurry input."""
+    lines = [f"trained to step {summary['step']} in {summary['workdir']}",
+             f"  checkpoints:     {summary['checkpoints']}  (last/, best/)",
+             f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']}",
+             f"  triptychs:       {summary['triptychs']}  (blur | restored | sharp)",
+             f"  metrics JSON:    {summary['metrics_dir']}"]
+    result = summary.get("validation")
+    if result:
+        lines.append(f"  validation PSNR: {result['psnr']:.2f} dB restored vs {result.get('input_psnr', float('nan')):.2f} "
+                     f"dB blurry input ({result['psnr'] - result.get('input_psnr', float('nan')):+.2f} dB); "
+                     f"SSIM-Y {result['ssim_y']:.4f} vs {result.get('input_ssim_y', float('nan')):.4f}; "
+                     f"{result['num_frames']} frames")
+    return "\n".join(lines)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _memory_summary(compiled) -> Dict[str, float]:
+    """Per-device memory of a compiled step from XLA's analysis (MiB), or {} when the backend gives none."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # backends without the analysis
+        return {}
+    if analysis is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f.replace("_size_in_bytes", "_mib"): round(getattr(analysis, f, 0) / 2 ** 20, 1) for f in fields
+            if hasattr(analysis, f)}
+
+
+__all__ = ["NonFiniteLossError", "StepMetrics", "TrainSetup", "batch_keys", "build_train_setup", "enable_compilation_cache", "learning_rate_of", "make_loss",
+           "format_summary", "make_optimizer", "make_train_step", "maybe_initialize_distributed", "train_and_evaluate"]
