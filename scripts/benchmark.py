@@ -19,24 +19,15 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 
-def _cpu_only() -> bool:
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-        return True
-    return not (shutil.which("nvidia-smi") or Path("/dev/nvidia0").exists() or Path("/dev/accel0").exists())
-
-
-# XLA's concurrency-optimised CPU scheduler (the default) keeps the buffers of independent branches alive at
-# once; on this model it doubles the CPU train step's memory. Must be set before jax starts.
-if _cpu_only() and "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Importing the package first sets its XLA:CPU options (vrtspike_jax/runtime.py) before jax starts.
+import vrtspike_jax  # noqa: E402,F401
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,7 +35,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vrtspike_jax.models.vrt import preset  # noqa: E402
 from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig, part_parameter_counts  # noqa: E402
 

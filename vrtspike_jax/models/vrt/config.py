@@ -55,7 +55,7 @@ class VRTConfig:
     remat_stages: bool = False
     scan_blocks: bool = False
     attention_chunk_windows: int = 0
-    attention_per_head: bool = False
+    attention_per_head: bool = True
     alignment_chunk: int = 0
     dtype: Optional[str] = None
     param_dtype: str = "float32"
