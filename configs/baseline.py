@@ -36,8 +36,10 @@ def _model_config(data) -> ml_collections.ConfigDict:
     model.vrt_overrides = ml_collections.ConfigDict()   # VRTConfig architecture fields (depths, embed_dims, ...)
     model.init_vrt_from = placeholder(str)     # official VRT weights (.npz or .pth state_dict) for the RGB branch
     model.remat = "full"                        # rematerialise every TMSA block in training (memory)
-    model.scan_blocks = False
+    model.remat_stages = False                  # True: also each stage as a whole (leanest memory, +1 forward)
+    model.scan_blocks = True                    # repeated TMSA blocks compiled once (lax.scan)
     model.attention_chunk_windows = 0
+    model.attention_per_head = True             # attention logits of one head at a time (training memory)
     model.alignment_chunk = 0
     model.dtype = "auto"                        # bfloat16 compute on GPU/TPU, float32 on CPU; or None / 'bfloat16'
     model.param_dtype = "float32"
@@ -124,27 +126,27 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _quick(config: ml_collections.ConfigDict) -> None:
-    config.total_steps = 600
+    config.total_steps = 300
     config.global_batch_size = 1
     config.log_every_steps = 20
     config.data.crop_size = 64
-    config.data.clip_length = 3
+    config.data.clip_length = 2
     config.model.vrt_preset = "small_fixture"
     config.model.vrt_overrides = ml_collections.ConfigDict(dict(
         depths=(2,) * 7 + (1, 1), embed_dims=(16,) * 7 + (24, 24), num_heads=(2,) * 7 + (3, 3),
-        deformable_groups=4, window_size=(3, 8, 8), indep_reconsts=(8,), drop_path_rate=0.0))
+        deformable_groups=4, window_size=(2, 8, 8), indep_reconsts=(8,), drop_path_rate=0.0))
     config.model.remat = "none"
     config.init.zero_output_conv = True
-    config.optimizer.learning_rate = 1e-3
+    config.optimizer.learning_rate = 3e-4        # measured best of 2e-3 .. 2e-4 for this model (docs/TRAINING.md)
     config.optimizer.warmup_steps = 20
-    config.optimizer.end_learning_rate = 1e-5
+    config.optimizer.end_learning_rate = 1e-6
     config.loss.perceptual_weight = 0.0
-    config.eval.every_steps = 200
+    config.eval.every_steps = 100
     config.eval.tile.spatial = 0
     config.eval.tile.spatial_overlap = 0
-    config.eval.triptych_every_steps = 200
+    config.eval.triptych_every_steps = 100
     config.eval.num_triptychs = 2
-    config.checkpoint.every_steps = 200
+    config.checkpoint.every_steps = 100
     config.compilation_cache_dir = "~/.cache/vrtspike_jax/xla"
 
 
@@ -154,6 +156,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.total_steps = 4
     config.global_batch_size = 2               # two processes of the multi-host test get one sample each
     config.log_every_steps = 1
+    config.optimizer.learning_rate = 1e-3
     config.data.embedded.update(dict(height=64, width=64, train_sequences=2, val_sequences=1, train_frames=4,
                                      val_frames=3, subframes=8, blur_px=4.0))
     config.data.num_bins = 4

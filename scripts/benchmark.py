@@ -158,10 +158,10 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     rss_before_run = _vm_rss_bytes()
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
     first, times = _measure(fn, make_args, args.runs, args.warmup)
-    run_rss = _vm_hwm_bytes()
+    run_rss = _vm_hwm_bytes() if first is not None else None
     flops = _flops(compiled)
-    median = statistics.median(times)
-    achieved = flops / median if flops else None
+    median = statistics.median(times) if times else None   # --runs 0 --warmup 0: compile only
+    achieved = flops / median if (flops and median) else None
     return dict(phase=name, compile_s=compile_s, first_call_s=first, times_s=times, median_s=median,
                 flops=flops, tflops_per_s=None if achieved is None else achieved / 1e12,
                 mfu=None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12),
@@ -186,7 +186,9 @@ def main(argv=None):
     parser.add_argument("--attention_chunk_windows", type=int, default=0)
     parser.add_argument("--attention_per_head", type=int, default=1)
     parser.add_argument("--alignment_chunk", type=int, default=0)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed calls; --runs 0 --warmup 0 compiles only (compile time, FLOPs, XLA's memory plan: "
+                             "for shapes that do not fit this host)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", default="highest", choices=["default", "high", "highest"],
                         help="jax_default_matmul_precision for float32 matmuls (TF32 on GPUs unless 'highest')")

@@ -6,11 +6,15 @@ alive together. For VRT that costs a lot of memory: the official deblurring mode
 per-head attention), and the train step's temporaries roughly halve too. So, unless the user already chose, we
 ask XLA for the memory-minimising scheduler on hosts without accelerators. It must happen before jax creates its
 CPU client (the first computation), which is why it runs at import. Set VRTSPIKE_KEEP_XLA_FLAGS=1 to opt out.
-Hosts with a GPU or TPU are left alone (the flag only concerns XLA:CPU).
+Hosts with a GPU or TPU are left alone (the flag only concerns XLA:CPU), and so are processes with several CPU
+devices (`--xla_force_host_platform_device_count=N`, N > 1): there the memory-minimising schedule deadlocks the
+in-process collectives of parameter-sharded (fsdp) train steps (observed with jax 0.10.2: 8 fake devices, data=2 x
+fsdp=4, every thread asleep in the first step; the default scheduler runs the same step in about a minute).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,12 +29,24 @@ def has_accelerator() -> bool:
     return bool(shutil.which("nvidia-smi") or Path("/dev/nvidia0").exists() or Path("/dev/accel0").exists())
 
 
+def forced_cpu_device_count(flags: str) -> int:
+    """N of the last `--xla_force_host_platform_device_count=N` in an XLA_FLAGS string (1 when absent)."""
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    return int(counts[-1]) if counts else 1
+
+
+def without_cpu_scheduler_flag(flags: str) -> str:
+    """XLA_FLAGS without the flag this module adds (for processes given several CPU devices)."""
+    return " ".join(f for f in flags.split() if f != CPU_SCHEDULER_FLAG)
+
+
 def prefer_memory_scheduler_on_cpu() -> bool:
-    """Adds CPU_SCHEDULER_FLAG to XLA_FLAGS on CPU-only hosts (see the module docstring). Returns whether it did."""
+    """Adds CPU_SCHEDULER_FLAG to XLA_FLAGS on CPU-only hosts with one CPU device (see the module docstring).
+    Returns whether it did."""
     flags = os.environ.get("XLA_FLAGS", "")
     if os.environ.get("VRTSPIKE_KEEP_XLA_FLAGS") == "1" or "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
         return False
-    if has_accelerator():
+    if has_accelerator() or forced_cpu_device_count(flags) > 1:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
     return True

@@ -204,7 +204,7 @@ def resolve_checkpoint_dir(workdir_or_checkpoint_dir, step: Optional[int] = None
     """The step directory that `load_model_from_checkpoint` reads (see there for the accepted paths)."""
     if which not in (BEST, LAST):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    path = Path(os.path.expanduser(os.fspath(workdir_or_checkpoint_dir)))
+    path = Path(os.path.expanduser(os.fspath(workdir_or_checkpoint_dir))).absolute()  # Orbax wants absolute paths
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist (expected a training workdir, its "
                                       f"{CHECKPOINT_DIR}/{{last,best}} folder or one step folder of it)")

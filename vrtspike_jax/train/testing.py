@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from vrtspike_jax import runtime
 from vrtspike_jax.train.run_record import code_root
 
 REPO_ROOT = code_root()
@@ -29,6 +30,11 @@ def subprocess_env(*, device_count: Optional[int] = None, extra: Optional[Mappin
         flags.append(TEST_XLA_FLAGS)
     if device_count:
         flags.append(f"--xla_force_host_platform_device_count={int(device_count)}")
+        if int(device_count) > 1:  # the parent's memory scheduler flag deadlocks multi-device steps (runtime.py)
+            flags = runtime.without_cpu_scheduler_flag(" ".join(flags)).split()
+        # Fake devices share the CPU cores: on a loaded 2-core machine one device can reach a collective minutes
+        # after the others, past XLA's default 40 s termination timeout.
+        flags.append("--xla_cpu_collective_call_terminate_timeout_seconds=1200")
     env.update({"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
                     [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])})

@@ -360,6 +360,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     from data_pipelines import input_pipeline
     from vrtspike_jax.inference import TileSpec, make_apply_fn
 
+    run_start = time.perf_counter()
     maybe_initialize_distributed(config)
     enable_compilation_cache(config)
     workdir = Path(os.path.expanduser(os.fspath(workdir))).resolve()
@@ -417,7 +418,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         logging.info("run record: %s", record)
 
     # ---- input
-    total_steps = int(config.total_steps)
     data_seed = int(config.seed)
     train_iter = input_pipeline.create_train_iterator(config.data, global_batch_size=global_batch_size,
                                                       seed=data_seed, start_step=start_step,
@@ -433,10 +433,16 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 "num_train_clips": int(train_iter.num_samples)}
 
     # ---- the compiled train step
-    spec = train_iter.element_spec
-    batch_shapes = {k: (global_batch_size,) + tuple(spec[k].shape[1:]) for k in setup.keys}
-    compiled_step, compile_seconds, memory = setup.compile_step(params, train_state, batch_shapes)
-    logging.info("train step compiled in %.1f s; memory per device: %s", compile_seconds, memory)
+    total_steps = int(config.total_steps)
+    compiled_step, compile_seconds = None, 0.0
+    if start_step < total_steps:
+        spec = train_iter.element_spec
+        batch_shapes = {k: (global_batch_size,) + tuple(spec[k].shape[1:]) for k in setup.keys}
+        compiled_step, compile_seconds, memory = setup.compile_step(params, train_state, batch_shapes)
+        logging.info("train step compiled in %.1f s; memory per device: %s", compile_seconds, memory)
+    else:
+        logging.info("nothing to train: the checkpoint is at step %d and total_steps is %d", start_step,
+                     total_steps)
     replicate = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
 
     # ---- writers
@@ -453,11 +459,11 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         lpips = validation.LPIPSScorer(os.path.expanduser(str(config.eval.lpips_weights)),
                                        str(_get(config, "eval.lpips_convention", "standard")))
     tile = TileSpec.from_dict(dict(config.eval.tile))
+    # The blurry input's metrics are measured at this start's first validation (by every process, so that their
+    # reductions match) and reused afterwards.
     input_metrics: Dict[str, float] = {}
-    last_validation: Optional[Dict[str, Any]] = None
-    for previous in validation.read_metrics_jsons(workdir):
-        last_validation = previous
-        input_metrics = {k: v for k, v in previous.items() if k.startswith("input_")}
+    previous = validation.read_metrics_jsons(workdir) if is_main else []
+    last_validation: Optional[Dict[str, Any]] = previous[-1] if previous else None
 
     def run_validation(steps_done: int) -> Dict[str, Any]:
         nonlocal best_psnr, input_metrics, last_validation
@@ -511,9 +517,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     ckpt_every = int(ckpt_cfg.every_steps)
     step_metrics = StepMetrics(int(_get(config, "nonfinite.max_consecutive", 10)))
     pending: Optional[Tuple[int, Any]] = None   # (0-based step, device metrics) not yet read back
-    if start_step >= total_steps:
-        logging.info("nothing to train: the checkpoint is at step %d and total_steps is %d", start_step,
-                     total_steps)
 
     def read_back(item) -> None:
         """Host side of a finished step (may raise NonFiniteLossError)."""
@@ -566,15 +569,14 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 break
         if pending is not None:
             read_back(pending)
-        if start_step >= total_steps and last_validation is None:
-            run_validation(start_step)
     finally:
         checkpoints.wait_until_finished()
         writer.flush()
     checkpoints.close()
     writer.close()
     summary = {
-        "step": int(max(start_step, min(total_steps, int(jax.device_get(train_state["step"]))))),
+        "step": int(jax.device_get(train_state["step"])),
+        "wall_seconds": time.perf_counter() - run_start,
         "workdir": str(workdir),
         "checkpoints": str(workdir / checkpointing.CHECKPOINT_DIR),
         "tensorboard": str(workdir / "tensorboard"),
@@ -588,7 +590,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The closing lines of a run: where its outputs are and the PSNR reached against the blurry input."""
-    lines = [f"trained to step {summary['step']} in {summary['workdir']}",
+    minutes = summary.get("wall_seconds", float("nan")) / 60
+    lines = [f"trained to step {summary['step']} in {summary['workdir']} ({minutes:.1f} min)",
              f"  checkpoints:     {summary['checkpoints']}  (last/, best/)",
              f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']}",
              f"  triptychs:       {summary['triptychs']}  (blur | restored | sharp)",

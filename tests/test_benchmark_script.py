@@ -1,0 +1,39 @@
+"""scripts/benchmark.py runs and reports what docs/PERFORMANCE.md quotes (tiny model, one timed call), and its
+compile-only mode reports XLA's plan without running."""
+import importlib.util
+import json
+
+import pytest
+
+from vrtspike_jax.train import testing
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", testing.REPO_ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_reports_time_flops_and_memory(benchmark, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
+                           "--runs", "1", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["input"] == [1, 2, 64, 64, 3] and report["spike_input"] == [1, 2, 64, 64, 4]
+    assert report["parameters"]["spike_encoder"] > 0 and report["parameters"]["vrt"] > 0
+    (forward,) = report["results"]
+    assert forward["phase"] == "forward" and len(forward["times_s"]) == 1 and forward["median_s"] > 0
+    assert forward["flops"] > 1e8 and forward["xla_memory_bytes"]["temp"] > 0
+    assert forward["peak_rss_run_bytes"] > 0 and forward["peak_rss_compile_bytes"] > 0
+    assert "forward |" in capsys.readouterr().out
+
+
+def test_compile_only_mode(benchmark, tmp_path):
+    out = tmp_path / "compile.json"
+    assert benchmark.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
+                           "--runs", "0", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
+    (forward,) = json.loads(out.read_text())["results"]
+    assert forward["times_s"] == [] and forward["median_s"] is None and forward["peak_rss_run_bytes"] is None
+    assert forward["compile_s"] > 0 and forward["flops"] > 1e8

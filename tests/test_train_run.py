@@ -1,0 +1,208 @@
+"""End to end: main.py / train_and_evaluate on tiny data in subprocesses (one compiled program shared through a
+persistent compilation cache): the workdir's artefacts, exact resume after kill -9, resume with a larger
+total_steps, the stop after K non-finite steps in a row, and two processes (jax.distributed on localhost, gloo)
+against the one-process run with the same global batch."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from vrtspike_jax.train import testing
+
+TOTAL = 6
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Paths shared by the module's runs: the tiny embedded dataset and the compilation cache (session-wide)."""
+    base = tmp_path_factory.getbasetemp()
+    return {"embedded": base / "train_embedded", "cache": base / "train_xla_cache"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(shared, tmp_path_factory):
+    """The uninterrupted run: TOTAL steps, validation and checkpoints every 2 steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = testing.run_main(workdir, "tiny", testing.tiny_overrides(
+        shared["embedded"], shared["cache"], total_steps=TOTAL))
+    return workdir, result
+
+
+def test_end_to_end_run_leaves_every_artefact(reference_run):
+    workdir, result = reference_run
+    # checkpoints: last (every 2 steps, 3 kept) and best, each with its items
+    last = sorted(int(p.name) for p in (workdir / "checkpoints" / "last").iterdir() if p.name.isdigit())
+    assert last == [2, 4, 6]
+    for item in ("params", "train_state", "data", "config"):
+        assert (workdir / "checkpoints" / "last" / "6" / item).is_dir()
+    data = json.loads((workdir / "checkpoints" / "last" / "6" / "data" / "metadata").read_text())
+    assert data["next_step"] == 6 and data["data_seed"] == 123 and data["global_batch_size"] == 2
+    best = [p for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert len(best) == 1 and (best[0] / "metrics" / "metrics").is_file()
+    # TensorBoard event files
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    # one metrics JSON per validation, literature metrics and the blurry-input baseline
+    reports = sorted((workdir / "metrics").glob("val_step_*.json"))
+    assert [p.name for p in reports] == ["val_step_0000002.json", "val_step_0000004.json", "val_step_0000006.json"]
+    report = json.loads(reports[-1].read_text())
+    for key in ("psnr", "psnr_y", "ssim", "ssim_y", "input_psnr", "input_psnr_y", "input_ssim_y"):
+        assert np.isfinite(report[key]), key
+    assert report["num_frames"] == 3  # every validation frame once (3 frames, clips of 2)
+    # triptychs: blur | restored | sharp, 64x64 frames side by side
+    from PIL import Image
+    pngs = sorted((workdir / "triptychs").glob("step_0000006_*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (192, 64)
+    # run record: code revision, full config, installed packages
+    record = json.loads(next((workdir / "run_records").glob("run_000_*.json")).read_text())
+    assert record["config"]["total_steps"] == TOTAL and record["config"]["model"]["vrt_preset"] == "small_fixture"
+    assert any(line.lower().startswith("jax==") for line in record["packages"])
+    assert "revision" in record["git"] or "error" in record["git"]
+    # per-step training scalars and the closing summary
+    assert sorted(testing.losses_by_step(workdir / "train_metrics.jsonl")) == list(range(1, TOTAL + 1))
+    assert "validation PSNR" in result.stdout and str(workdir / "triptychs") in result.stdout
+
+
+def test_load_model_from_checkpoint_of_a_run(reference_run):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from vrtspike_jax.train.checkpointing import load_model_from_checkpoint
+    workdir, _ = reference_run
+    model, config = load_model_from_checkpoint(workdir, which="last")
+    assert config.total_steps == TOTAL and model.config.spike_bins == 4 and model.config.use_spike
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore(workdir / "checkpoints" / "last" / str(TOTAL) / "params")
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    best, _ = load_model_from_checkpoint(workdir)  # which="best": the step with the best validation PSNR
+    best_step = max(json.loads(p.read_text())["psnr"] for p in (workdir / "metrics").glob("val_step_*.json"))
+    kept = next(p for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit())
+    assert json.loads((kept / "metrics" / "metrics").read_text())["psnr"] == pytest.approx(best_step)
+    assert nnx.graphdef(best) == nnx.graphdef(model)
+
+
+def test_kill_9_then_resume_gives_the_same_losses_step_by_step(reference_run, shared, tmp_path):
+    reference_dir, _ = reference_run
+    reference = {step: losses[0] for step, losses in testing.losses_by_step(
+        reference_dir / "train_metrics.jsonl").items()}
+    overrides = testing.tiny_overrides(shared["embedded"], shared["cache"], total_steps=TOTAL,
+                                       **{"eval.max_clips": 0})
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(testing.main_command(workdir, "tiny", overrides), cwd=testing.REPO_ROOT,
+                            env=testing.subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(testing.read_jsonl(workdir / "train_metrics.jsonl")) < 3:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no training progress within 10 minutes"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_steps = sorted(testing.losses_by_step(workdir / "train_metrics.jsonl"))
+    assert killed_steps[-1] < TOTAL, "the run finished before the kill"
+    testing.run_main(workdir, "tiny", overrides)
+    records = sorted((workdir / "run_records").glob("run_*.json"))
+    resumed = json.loads(records[-1].read_text())
+    assert resumed["start_step"] > 0 and resumed["resumed_from"].endswith(f"last/{resumed['start_step']}")
+    logged = testing.losses_by_step(workdir / "train_metrics.jsonl")
+    assert sorted(logged) == list(range(1, TOTAL + 1))
+    for step, losses in logged.items():  # steps after the checkpoint were logged twice: both equal the reference
+        assert losses == [reference[step]] * len(losses), (step, losses, reference[step])
+
+
+def test_larger_total_steps_continues_and_k_nonfinite_steps_stop_the_run(reference_run, shared, tmp_path):
+    """Resume a finished run with total_steps + 4 on poisoned spike statistics (std 1e-45: the inputs overflow):
+    the run resumes at TOTAL, skips the non-finite updates, logs their samples, stops after 2 in a row with a
+    clear message and keeps the last good checkpoint."""
+    import shutil
+    reference_dir, _ = reference_run
+    workdir = tmp_path / "continued"
+    shutil.copytree(reference_dir, workdir)
+    root = next(Path(shared["embedded"]).glob("embedded-*"))
+    stats = json.loads((root / "voxel_stats.json").read_text())
+    stats["std"] = 1e-45  # passes the stats check (> 0), overflows float32 inputs to inf
+    poisoned = tmp_path / "poisoned_stats.json"
+    poisoned.write_text(json.dumps(stats))
+    result = testing.run_main(workdir, "tiny", testing.tiny_overrides(
+        shared["embedded"], shared["cache"], total_steps=TOTAL + 4, **{
+            "data.stats_file": poisoned, "nonfinite.max_consecutive": 2, "eval.max_clips": 0}), check=False)
+    assert result.returncode != 0
+    assert "2 train steps in a row" in testing.tail(result) and "non-finite" in testing.tail(result)
+    resumed = json.loads(sorted((workdir / "run_records").glob("run_*.json"))[-1].read_text())
+    assert resumed["start_step"] == TOTAL
+    skipped = testing.read_jsonl(workdir / "nonfinite_steps.jsonl")
+    assert [s["step"] for s in skipped] == [TOTAL + 1, TOTAL + 2]
+    assert all(s["samples"][0]["name"].startswith("train/") for s in skipped)
+    last = sorted(int(p.name) for p in (workdir / "checkpoints" / "last").iterdir() if p.name.isdigit())
+    assert last[-1] == TOTAL
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _run_pair(workdir: Path, overrides: dict, log_dir: Path) -> None:
+    """Runs the same main.py command as processes 0 and 1 of a jax.distributed job on localhost."""
+    port = _free_port()
+    procs, logs = [], []
+    for process_id in range(2):
+        flags = dict(overrides, **{"distributed.initialize": True, "distributed.coordinator_address": f"localhost:{port}",
+                                   "distributed.num_processes": 2, "distributed.process_id": process_id,
+                                   "distributed.initialization_timeout": 120})
+        log = open(log_dir / f"process_{process_id}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(testing.main_command(workdir, "tiny", flags), cwd=testing.REPO_ROOT,
+                                      env=testing.subprocess_env(), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    for process_id, code in enumerate(codes):
+        text = (log_dir / f"process_{process_id}.log").read_text()
+        assert code == 0, f"process {process_id} exited with {code}:\n" + "\n".join(text.splitlines()[-40:])
+
+
+def test_two_processes_match_one_process_write_their_parts_and_resume(reference_run, shared, tmp_path):
+    """Processes 0 and 1 (one CPU device each, parameters sharded over both: mesh data=1 x fsdp=2) train with the
+    reference run's global batch: same losses (1e-6), both write their shards, the pair resumes, and the
+    validation (clips split over the processes, sums reduced over them) gives the same PSNR."""
+    reference_dir, _ = reference_run
+    reference = {step: losses[0] for step, losses in testing.losses_by_step(
+        reference_dir / "train_metrics.jsonl").items()}
+    workdir = tmp_path / "pair"
+    overrides = testing.tiny_overrides(shared["embedded"], shared["cache"], **{
+        "mesh.fsdp": 2, "mesh.fsdp_min_size": 256, "eval.every_steps": 0, "eval.triptych_every_steps": 0})
+    _run_pair(workdir, dict(overrides, total_steps=TOTAL - 2, **{"eval.max_clips": 0}), tmp_path)
+    params_dir = workdir / "checkpoints" / "last" / str(TOTAL - 2) / "params"
+    for process_id in range(2):  # each process wrote the shards it holds
+        part = params_dir / f"ocdbt.process_{process_id}"
+        assert part.is_dir() and any(f.is_file() for f in part.rglob("*")), part
+    _run_pair(workdir, dict(overrides, total_steps=TOTAL), tmp_path)
+    records = sorted((workdir / "run_records").glob("run_*.json"))
+    assert [json.loads(r.read_text())["start_step"] for r in records] == [0, TOTAL - 2]
+    assert json.loads(records[0].read_text())["jax"]["process_count"] == 2
+    logged = testing.losses_by_step(workdir / "train_metrics.jsonl")
+    assert sorted(logged) == list(range(1, TOTAL + 1))
+    for step, losses in logged.items():
+        np.testing.assert_allclose(losses, [reference[step]] * len(losses), rtol=1e-6, err_msg=f"step {step}")
+    pair = json.loads((workdir / "metrics" / f"val_step_{TOTAL:07d}.json").read_text())
+    single = json.loads((reference_dir / "metrics" / f"val_step_{TOTAL:07d}.json").read_text())
+    assert pair["num_frames"] == single["num_frames"] == 3 and pair["process_count"] == 2
+    assert pair["psnr"] == pytest.approx(single["psnr"], abs=1e-4)
+    assert pair["ssim_y"] == pytest.approx(single["ssim_y"], abs=1e-6)
