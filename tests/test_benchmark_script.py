@@ -3,22 +3,26 @@ compile-only mode reports XLA's plan without running."""
 import importlib.util
 import json
 
+import jax
+
 import pytest
 
 from vrtspike_jax.train import testing
 
 
 @pytest.fixture(scope="module")
-def benchmark():
+def bench_script():
     spec = importlib.util.spec_from_file_location("benchmark", testing.REPO_ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    precision = jax.config.jax_default_matmul_precision   # main() sets it for its process
+    yield module
+    jax.config.update("jax_default_matmul_precision", precision)
 
 
-def test_benchmark_reports_time_flops_and_memory(benchmark, tmp_path, capsys):
+def test_benchmark_reports_time_flops_and_memory(bench_script, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
+    assert bench_script.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
                            "--runs", "1", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["input"] == [1, 2, 64, 64, 3] and report["spike_input"] == [1, 2, 64, 64, 4]
@@ -30,9 +34,9 @@ def test_benchmark_reports_time_flops_and_memory(benchmark, tmp_path, capsys):
     assert "forward |" in capsys.readouterr().out
 
 
-def test_compile_only_mode(benchmark, tmp_path):
+def test_compile_only_mode(bench_script, tmp_path):
     out = tmp_path / "compile.json"
-    assert benchmark.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
+    assert bench_script.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
                            "--runs", "0", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
     (forward,) = json.loads(out.read_text())["results"]
     assert forward["times_s"] == [] and forward["median_s"] is None and forward["peak_rss_run_bytes"] is None
