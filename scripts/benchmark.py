@@ -102,7 +102,7 @@ def _gib(value):
 def build(args):
     vrt_preset, overrides, spike = MODELS[args.model]
     overrides = dict(overrides)
-    overrides.update(remat=args.remat, scan_blocks=args.scan_blocks,
+    overrides.update(remat=args.remat, remat_stages=bool(args.remat_stages), scan_blocks=args.scan_blocks,
                      attention_chunk_windows=args.attention_chunk_windows,
                      attention_per_head=bool(args.attention_per_head), alignment_chunk=args.alignment_chunk,
                      dtype=None if args.dtype == "float32" else args.dtype)
@@ -182,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots_saveable",
                                                             "dots_with_no_batch_dims_saveable"])
+    parser.add_argument("--remat_stages", type=int, default=0,
+                        help="1: also rematerialise each stage as a whole (leanest training memory, one more forward)")
     parser.add_argument("--scan_blocks", type=int, default=1)
     parser.add_argument("--attention_chunk_windows", type=int, default=0)
     parser.add_argument("--attention_per_head", type=int, default=1)
@@ -256,7 +258,8 @@ def main(argv=None):
 
     header = dict(model=args.model, parameters=counts, input=list(shape), spike_input=list(spike_shape)
                   if model.config.use_spike else None, dtype=args.dtype, remat=args.remat,
-                  scan_blocks=args.scan_blocks, attention_chunk_windows=args.attention_chunk_windows,
+                  remat_stages=bool(args.remat_stages), scan_blocks=args.scan_blocks,
+                  attention_chunk_windows=args.attention_chunk_windows,
                   attention_per_head=bool(args.attention_per_head),
                   alignment_chunk=args.alignment_chunk, precision=args.precision, runs=args.runs,
                   warmup=args.warmup, device=kind, platform=device.platform, device_count=jax.device_count(),

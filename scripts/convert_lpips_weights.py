@@ -18,12 +18,12 @@ loading it into the JAX module.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
 from flax import nnx
 
+from vrtspike_jax.convert import CheckpointError, read_tensor_file
 from vrtspike_jax.metrics import LPIPS, load_lpips_state, lpips_state_keys
 
 # torchvision alexnet `features.N` -> lpips `net.sliceK.N`
@@ -33,25 +33,12 @@ _SCALE = np.array([0.458, 0.448, 0.450], np.float32).reshape(1, 3, 1, 1)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """name -> array from a `.npz` or a PyTorch `.pth` (a state_dict, or a dict with 'state_dict')."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"input file {path} not found")
-    if path.endswith(".npz"):
-        with np.load(path) as archive:
-            return {key: np.asarray(archive[key]) for key in archive.files}
+    """name -> array from a `.npz` or a PyTorch `.pth` (a state_dict, or one under 'state_dict'); exits naming the
+    file when it cannot be read."""
     try:
-        import torch  # only needed for .pth
-    except ImportError:
-        raise SystemExit(
-            f"reading {path} needs PyTorch, which is not installed: `pip install torch`, or save the state_dict "
-            "as .npz elsewhere (np.savez(out, **{k: v.numpy() for k, v in sd.items()}))"
-        ) from None
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise SystemExit(f"{path} holds a {type(loaded).__name__}, not a state_dict")
-    return {key: value.detach().cpu().numpy() for key, value in loaded.items() if hasattr(value, "detach")}
+        return read_tensor_file(path)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
 
 
 def assemble(alexnet: dict | None = None, lin: dict | None = None, state: dict | None = None,

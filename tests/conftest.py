@@ -8,6 +8,23 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def rel_l2(ours, reference) -> float:
+    """||ours - reference|| / ||reference|| in float64: the parity measure of every fixture test."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
+def btchw_to_ours(x):
+    """PyTorch video layout [B, T, C, H, W] -> ours [B, T, H, W, C] (a jax array)."""
+    import jax.numpy as jnp
+    return jnp.asarray(np.asarray(x).transpose(0, 1, 3, 4, 2))
+
+
+def ours_to_btchw(x) -> np.ndarray:
+    """Ours [B, T, H, W, C] -> PyTorch [B, T, C, H, W] (NumPy)."""
+    return np.asarray(x).transpose(0, 1, 4, 2, 3)
+
+
 def fixtures_dir() -> Path:
     """`$VRTSPIKE_FIXTURES`, else `../shared/fixtures` beside the checkout."""
     env = os.environ.get("VRTSPIKE_FIXTURES")

@@ -8,20 +8,9 @@ from flax import nnx
 from vrtspike_jax.convert.spike import load_torch_state, torch_state_keys
 from vrtspike_jax.models.fusion import MultiScaleTemporalCrossAttnFuse, TemporalCrossAttnFuse
 
+from conftest import btchw_to_ours, ours_to_btchw, rel_l2
+
 CHANNELS = [8, 16, 24, 32]
-
-
-def rel_l2(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
-
-
-def btchw_to_ours(x):  # S-VRT fuse layout [B, T, C, H, W] -> [B, T, H, W, C]
-    return jnp.asarray(np.asarray(x).transpose(0, 1, 3, 4, 2))
-
-
-def ours_to_btchw(x):
-    return np.asarray(x).transpose(0, 1, 4, 2, 3)
 
 
 @pytest.fixture(scope="module")

@@ -182,4 +182,4 @@ def test_convert_script_says_pth_needs_torch(tmp_path):
     fake = tmp_path / "vgg16.pth"
     fake.write_bytes(b"not really")
     done = _run_script("--input", str(fake), "--output", str(tmp_path / "out.npz"))
-    assert done.returncode != 0 and f"reading {fake} needs PyTorch" in done.stderr
+    assert done.returncode != 0 and f"{fake}: reading a PyTorch checkpoint needs torch" in done.stderr

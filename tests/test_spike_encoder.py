@@ -10,12 +10,9 @@ from vrtspike_jax.convert.spike import load_torch_state, torch_state_keys
 from vrtspike_jax.models.fusion import MultiScaleTemporalCrossAttnFuse
 from vrtspike_jax.models.spike import SpikeEncoder3D, SpikeTemporalSA
 
+from conftest import rel_l2
+
 CHANNELS = [8, 16, 24, 32]
-
-
-def rel_l2(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
 
 
 def abstract(cls, *args, **kwargs):

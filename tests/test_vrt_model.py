@@ -11,12 +11,9 @@ from vrtspike_jax.convert import load_official_vrt
 from vrtspike_jax.models.vrt import VRT, check_input_shape, config_from_official_kwargs, preset
 from vrtspike_jax.models.vrt.warping import deform_conv2d
 
+from conftest import rel_l2
+
 TOL = 1e-5  # relative L2, the bound (the official float32-vs-float64 spread is 1e-6)
-
-
-def rel_l2(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def video(a):  # (N, D, C, H, W) -> (N, D, H, W, C)

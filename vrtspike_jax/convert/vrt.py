@@ -33,12 +33,12 @@ SPYNET_BUFFERS = ("spynet.mean", "spynet.std")
 # ----------------------------------------------------------------------------------------------------------------
 # Reading files
 
-def read_state_dict(path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Reads an official VRT state_dict from `.npz` or `.pth`; returns (params, buffers) as NumPy arrays.
+def read_tensor_file(path) -> Dict[str, np.ndarray]:
+    """name -> NumPy array of every tensor in a `.npz` archive or a PyTorch `.pth` state_dict.
 
-    `.npz`: keys are official names, or official names behind a `param/` / `buffer/` prefix (as in
-    ../shared/fixtures); with prefixes present, other keys (inputs, outputs, metadata) are ignored.
-    `.pth`: a torch file holding the dict directly or under 'params' / 'params_ema' / 'state_dict' (needs torch).
+    A `.pth` may hold the dict directly or under 'params' / 'params_ema' / 'state_dict' (reading it needs torch);
+    floating tensors come back as float32 and a leading 'module.' (DataParallel) is dropped from names. Every
+    failure is a CheckpointError that names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -46,21 +46,10 @@ def read_state_dict(path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
-            archive = np.load(path, allow_pickle=False)
-            keys = list(archive.keys())
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: np.asarray(archive[key]) for key in archive.files}
         except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError
             raise CheckpointError(f"{path}: not a readable .npz archive ({exc})") from exc
-        prefixed = any(k.startswith(("param/", "buffer/")) for k in keys)
-        params, buffers = {}, {}
-        for key in keys:
-            if prefixed:
-                if key.startswith("param/"):
-                    params[key[len("param/"):]] = np.asarray(archive[key])
-                elif key.startswith("buffer/"):
-                    buffers[key[len("buffer/"):]] = np.asarray(archive[key])
-            else:
-                (buffers if _is_buffer_name(key) else params)[key] = np.asarray(archive[key])
-        return params, buffers
     if suffix in (".pth", ".pt", ".ckpt"):
         try:
             import torch  # noqa: F401  (optional dependency)
@@ -80,15 +69,35 @@ def read_state_dict(path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]
                     break
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}")
-        params, buffers = {}, {}
+        tensors = {}
         for key, value in obj.items():
             if not hasattr(value, "detach"):
                 raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
             arr = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
-            key = key[len("module."):] if key.startswith("module.") else key
-            (buffers if _is_buffer_name(key) else params)[key] = arr
-        return params, buffers
+            tensors[key[len("module."):] if key.startswith("module.") else key] = arr
+        return tensors
     raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r}; expected .npz or .pth")
+
+
+def read_state_dict(path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Reads an official VRT state_dict from `.npz` or `.pth`; returns (params, buffers) as NumPy arrays.
+
+    `.npz`: keys are official names, or official names behind a `param/` / `buffer/` prefix (as in
+    ../shared/fixtures); with prefixes present, other keys (inputs, outputs, metadata) are ignored.
+    `.pth`: a torch file holding the dict directly or under 'params' / 'params_ema' / 'state_dict' (needs torch).
+    """
+    tensors = read_tensor_file(path)
+    prefixed = any(k.startswith(("param/", "buffer/")) for k in tensors)
+    params, buffers = {}, {}
+    for key, value in tensors.items():
+        if prefixed:
+            if key.startswith("param/"):
+                params[key[len("param/"):]] = value
+            elif key.startswith("buffer/"):
+                buffers[key[len("buffer/"):]] = value
+        else:
+            (buffers if _is_buffer_name(key) else params)[key] = value
+    return params, buffers
 
 
 def _is_buffer_name(key: str) -> bool:
