@@ -57,18 +57,11 @@ MODELS = {
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
 
-def _vm_hwm_bytes():
+def _proc_status_bytes(field):
+    """A memory field of /proc/self/status ('VmHWM': peak resident set, 'VmRSS': resident set) in bytes."""
     try:
         text = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def _vm_rss_bytes():
-    try:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024
+        return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
     except (OSError, AttributeError):
         return None
 
@@ -153,12 +146,12 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     start = time.perf_counter()
     compiled = jitted.lower(*make_args(0)).compile()
     compile_s = time.perf_counter() - start
-    compile_rss = _vm_hwm_bytes()
+    compile_rss = _proc_status_bytes("VmHWM")
     _reset_hwm()
-    rss_before_run = _vm_rss_bytes()
+    rss_before_run = _proc_status_bytes("VmRSS")
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
     first, times = _measure(fn, make_args, args.runs, args.warmup)
-    run_rss = _vm_hwm_bytes() if first is not None else None
+    run_rss = _proc_status_bytes("VmHWM") if first is not None else None
     flops = _flops(compiled)
     median = statistics.median(times) if times else None   # --runs 0 --warmup 0: compile only
     achieved = flops / median if (flops and median) else None

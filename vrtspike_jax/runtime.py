@@ -35,11 +35,6 @@ def forced_cpu_device_count(flags: str) -> int:
     return int(counts[-1]) if counts else 1
 
 
-def without_cpu_scheduler_flag(flags: str) -> str:
-    """XLA_FLAGS without the flag this module adds (for processes given several CPU devices)."""
-    return " ".join(f for f in flags.split() if f != CPU_SCHEDULER_FLAG)
-
-
 def prefer_memory_scheduler_on_cpu() -> bool:
     """Adds CPU_SCHEDULER_FLAG to XLA_FLAGS on CPU-only hosts with one CPU device (see the module docstring).
     Returns whether it did."""

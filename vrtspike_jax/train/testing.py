@@ -29,9 +29,9 @@ def subprocess_env(*, device_count: Optional[int] = None, extra: Optional[Mappin
     if TEST_XLA_FLAGS not in flags:
         flags.append(TEST_XLA_FLAGS)
     if device_count:
-        flags.append(f"--xla_force_host_platform_device_count={int(device_count)}")
         if int(device_count) > 1:  # the parent's memory scheduler flag deadlocks multi-device steps (runtime.py)
-            flags = runtime.without_cpu_scheduler_flag(" ".join(flags)).split()
+            flags = [f for f in flags if f != runtime.CPU_SCHEDULER_FLAG]
+        flags.append(f"--xla_force_host_platform_device_count={int(device_count)}")
         # Fake devices share the CPU cores: on a loaded 2-core machine one device can reach a collective minutes
         # after the others, past XLA's default 40 s termination timeout.
         flags.append("--xla_cpu_collective_call_terminate_timeout_seconds=1200")
