@@ -42,6 +42,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint where one was asked for (the message says what was looked for and what exists)."""
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint folder that exists but cannot be restored (damaged, or of another program)."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Config <-> JSON
 

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vrtspike_jax.train.preflight import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -31,17 +33,17 @@ def _get(config, name, default):
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple:
-    """(data, fsdp) sizes for `num_devices`; raises ValueError naming the sizes when they do not fit."""
+    """(data, fsdp) sizes for `num_devices`; raises ConfigError naming the sizes when they do not fit."""
     data = int(_get(mesh_config, "data", -1))
     fsdp = int(_get(mesh_config, "fsdp", 1))
     if fsdp < 1:
-        raise ValueError(f"mesh.fsdp must be >= 1, got {fsdp}")
+        raise ConfigError(f"mesh.fsdp must be >= 1, got {fsdp}")
     if data == -1:
         if num_devices % fsdp:
-            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices")
+            raise ConfigError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices")
         data = num_devices // fsdp
     if data < 1 or data * fsdp != num_devices:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} devices are "
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} devices are "
                          f"available (set mesh.data=-1 to use all of them)")
     return data, fsdp
 
@@ -85,13 +87,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, process_count: int) -> None:
-    """Raises ValueError unless the global batch splits evenly over the devices and the processes."""
+    """Raises ConfigError unless the global batch splits evenly over the devices and the processes."""
     devices = mesh.devices.size
     if global_batch_size % devices:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {devices} devices of the "
-                         f"mesh {dict(mesh.shape)}: every device needs the same number of samples")
+        raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of the {devices} devices of the "
+                          f"mesh {dict(mesh.shape)}: every device needs the same number of samples (set "
+                          f"--config.global_batch_size to a multiple of {devices})")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {process_count} processes")
+        raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of the {process_count} processes")
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, keys: Sequence[str]) -> dict:

@@ -1,0 +1,154 @@
+"""Checks of a training config that run before anything is built, compiled or written.
+
+`preflight(config)` raises `ConfigError` (one line: the option, its value and what to do) for
+  * a key that no training config has (a typo must not silently fall back to a default; `check_known_keys`),
+  * a model section that does not describe a model (unknown field, bad preset),
+  * a weights or statistics file that is set but absent, or the VGG file that a non-zero perceptual weight
+    needs and that is not set,
+and `data_pipelines.errors.DataError` for a data root that is missing or not prepared for the config's K and f.
+main.py prints either as `error: <message>` and exits with status 2; `train_and_evaluate` calls it first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+VGG_COMMAND = ("python scripts/convert_vgg_weights.py --input vgg16-397923af.pth "
+               "--output weights/vgg16_features.npz")
+LPIPS_COMMAND = ("python scripts/convert_lpips_weights.py --alexnet alexnet-owt-7be5be79.pth --lin alex.pth "
+                 "--output weights/lpips_alex.npz")
+VRT_COMMAND = ("python scripts/convert_vrt_checkpoint.py --input 006_VRT_videodeblurring_GoPro.pth --preset deblur "
+               "--output weights/vrt_gopro")
+# Sections whose keys are not in the defaults: checked against the dataclass whose fields they set.
+_FREE_SECTIONS = {"model.vrt_overrides": "vrtspike_jax.models.vrt.config:VRTConfig"}
+_EXTRA_TOP_LEVEL = ("variant",)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message (one line) names the option, its value and the fix."""
+
+
+def _is_mapping(node: Any) -> bool:
+    return isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__"))
+
+
+def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {'.'.join(filter(None, [path, close[0]]))!r}? " if close else ""
+    return ConfigError(f"unknown config key {'.'.join(filter(None, [path, key]))!r}: {hint}known keys"
+                       f"{' of ' + path if path else ''}: {', '.join(known)}")
+
+
+def _dataclass_fields(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+
+
+def check_known_keys(config: Mapping[str, Any], reference: Optional[Mapping[str, Any]] = None,
+                     path: str = "") -> None:
+    """Raises ConfigError naming the first key of `config` that `reference` (default: the baseline defaults,
+    `vrtspike_jax.train.defaults.base_config()`) does not have, with the closest known key."""
+    if reference is None:
+        from vrtspike_jax.train.defaults import base_config
+
+        reference = base_config()
+    for key in config.keys():
+        name = f"{path}.{key}" if path else key
+        if name in _FREE_SECTIONS:
+            value = config[key]
+            if value is not None and not _is_mapping(value):
+                raise ConfigError(f"{name}={value!r}: expected a mapping of field names to values")
+            fields = _dataclass_fields(_FREE_SECTIONS[name])
+            for field in (value or {}).keys():
+                if field not in fields:
+                    raise _unknown(name, field, fields)
+            continue
+        if key not in reference.keys():
+            if not path and key in _EXTRA_TOP_LEVEL:
+                continue
+            raise _unknown(path, key, reference.keys())
+        if _is_mapping(config[key]) and _is_mapping(reference[key]):
+            check_known_keys(config[key], reference[key], name)
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not _is_mapping(node) or part not in node.keys():
+            return None
+        node = node[part]
+    return node
+
+
+def _require_file(option: str, value, what: str, command: Optional[str], directory_ok: bool = False) -> None:
+    path = Path(os.path.expanduser(str(value)))
+    if path.is_file() or (directory_ok and path.is_dir()):
+        return
+    make = f"; make it with `{command}`" if command else ""
+    raise ConfigError(f"{option}={value}: {what} not found{make}")
+
+
+def check_files(config) -> None:
+    """Every file option that is set must exist; the VGG file must be set when the perceptual weight is not 0."""
+    weight = float(_get(config, "loss.perceptual_weight") or 0.0)
+    vgg = _get(config, "loss.vgg_weights")
+    if weight != 0.0 and not vgg:
+        raise ConfigError(f"loss.vgg_weights is not set but loss.perceptual_weight={weight:g} needs the VGG16 features "
+                          f"file: make it with `{VGG_COMMAND}` and pass "
+                          "--config.loss.vgg_weights=weights/vgg16_features.npz (or --config.loss.perceptual_weight=0)")
+    if weight != 0.0:
+        _require_file("loss.vgg_weights", vgg, "VGG16 features file", VGG_COMMAND)
+    if _get(config, "eval.lpips_weights"):
+        _require_file("eval.lpips_weights", _get(config, "eval.lpips_weights"), "LPIPS weights file", LPIPS_COMMAND)
+    if _get(config, "model.init_vrt_from"):
+        _require_file("model.init_vrt_from", _get(config, "model.init_vrt_from"),
+                      "official VRT weights (.npz / .pth, or a converted checkpoint folder)", VRT_COMMAND,
+                      directory_ok=True)
+    if _get(config, "data.stats_file"):
+        _require_file("data.stats_file", _get(config, "data.stats_file"), "voxel statistics file",
+                      "python scripts/prepare_data.py --root <data root>")
+
+
+def check_data_root(config) -> None:
+    """A configured data root must exist and be prepared for the config's K and f (DataError otherwise)."""
+    root = _get(config, "data.root")
+    if not root:
+        return  # the embedded dataset, built on first use
+    from data_pipelines import prepare
+    from data_pipelines.errors import DataError
+
+    path = Path(os.path.expanduser(str(root)))
+    if not path.is_dir():
+        raise DataError(path, "data.root: no such folder (give a root made by scripts/prepare_data.py, or leave "
+                              "data.root unset for the embedded dataset)", "missing_root")
+    prepare.read_prepared(path, num_bins=_get(config, "data.num_bins"), spike_scale=_get(config, "data.spike_scale"))
+
+
+def check_model(config) -> None:
+    """The model section must describe a model (fields, preset, architecture overrides)."""
+    from vrtspike_jax.models import model_config_from_dict
+    from vrtspike_jax.train.checkpointing import model_mapping
+
+    try:
+        mapping = model_mapping(config["model"])
+        mapping.pop("init_vrt_from", None)
+        model_config_from_dict(mapping)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model: {' '.join(str(err).split())}") from None
+
+
+def preflight(config) -> None:
+    """All checks above, cheapest first; nothing is built, compiled or written."""
+    check_known_keys(config)
+    check_files(config)
+    check_model(config)
+    check_data_root(config)
+
+
+__all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "preflight"]
