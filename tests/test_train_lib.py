@@ -153,9 +153,14 @@ class _ToyRestorer(nnx.Module):
         return frames + self.linear(jnp.concatenate([frames, spike_voxels], axis=-1))
 
 
-def _toy_setup():
+def _toy_config():
     config = baseline.get_config("tiny")
     config.optimizer.warmup_steps = 0
+    return config
+
+
+def _toy_setup():
+    config = _toy_config()
     model = _ToyRestorer(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -180,9 +185,23 @@ def test_train_step_applies_finite_updates_and_skips_nonfinite_ones():
     assert float(bad_metrics["finite"]) == 0.0 and not np.isfinite(float(bad_metrics["loss"]))
     assert int(skipped_state["step"]) == 2   # the step counts (the input moves on) ...
     for a, b in zip(jax.tree.leaves(skipped_params), jax.tree.leaves(new_params)):
-        np.testing.assert_array_equal(a, b)  # ... but parameters and optimizer state stay as they were
-    for a, b in zip(jax.tree.leaves(skipped_state["opt_state"]), jax.tree.leaves(new_state["opt_state"])):
+        np.testing.assert_array_equal(a, b)  # ... but parameters and AdamW's state stay as they were
+    adam_before, adam_after = new_state["opt_state"][1].inner_state, skipped_state["opt_state"][1].inner_state
+    for a, b in zip(jax.tree.leaves(adam_after), jax.tree.leaves(adam_before)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_schedule_follows_the_train_step_across_skipped_steps():
+    """After non-finite (skipped) steps the learning rate is still the schedule at the train step, not k steps
+    behind: step s (0-based) uses schedule(s) whether or not earlier steps were skipped."""
+    step, params, train_state, batch = _toy_setup()
+    _, schedule = make_optimizer(_toy_config())
+    bad = dict(batch, spike_vox=np.full_like(batch["spike_vox"], np.nan))
+    for s, inputs in enumerate([batch, bad, bad, batch, batch]):
+        params, train_state, metrics = step(params, train_state, inputs, {})
+        assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(s)), rel=1e-6), s
+        assert int(train_state["opt_state"][1].count) == s + 1
+    assert int(train_state["opt_state"][1].inner_state[0].count) == 3   # AdamW counted the 3 applied updates
 
 
 def test_step_metrics_windows_and_stops_after_k_nonfinite_in_a_row():

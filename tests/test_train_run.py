@@ -120,9 +120,10 @@ def test_kill_9_then_resume_gives_the_same_losses_step_by_step(reference_run, sh
 
 
 def test_larger_total_steps_continues_and_k_nonfinite_steps_stop_the_run(reference_run, shared, tmp_path):
-    """Resume a finished run with total_steps + 4 on poisoned spike statistics (std 1e-45: the inputs overflow):
-    the run resumes at TOTAL, skips the non-finite updates, logs their samples, stops after 2 in a row with a
-    clear message and keeps the last good checkpoint."""
+    """Resume a finished run with larger total_steps on poisoned spike statistics (std 1e-45: the inputs overflow):
+    the run resumes at TOTAL and skips the non-finite updates, logging their samples. With max_consecutive 3, a
+    first resume to TOTAL + 2 ends normally after 2 skipped steps; the count survives the restart, so the next
+    resume stops at its first skipped step (3 in a row) with a clear message and keeps the last checkpoint."""
     import shutil
     reference_dir, _ = reference_run
     workdir = tmp_path / "continued"
@@ -132,18 +133,25 @@ def test_larger_total_steps_continues_and_k_nonfinite_steps_stop_the_run(referen
     stats["std"] = 1e-45  # passes the stats check (> 0), overflows float32 inputs to inf
     poisoned = tmp_path / "poisoned_stats.json"
     poisoned.write_text(json.dumps(stats))
-    result = testing.run_main(workdir, "tiny", testing.tiny_overrides(
-        shared["embedded"], shared["cache"], total_steps=TOTAL + 4, **{
-            "data.stats_file": poisoned, "nonfinite.max_consecutive": 2, "eval.max_clips": 0}), check=False)
-    assert result.returncode != 0
-    assert "2 train steps in a row" in testing.tail(result) and "non-finite" in testing.tail(result)
-    resumed = json.loads(sorted((workdir / "run_records").glob("run_*.json"))[-1].read_text())
-    assert resumed["start_step"] == TOTAL
+
+    def resume(total_steps):
+        return testing.run_main(workdir, "tiny", testing.tiny_overrides(
+            shared["embedded"], shared["cache"], total_steps=total_steps, **{
+                "data.stats_file": poisoned, "nonfinite.max_consecutive": 3, "eval.max_clips": 0}), check=False)
+
+    first = resume(TOTAL + 2)
+    assert first.returncode == 0, testing.tail(first)
+    assert [s["step"] for s in testing.read_jsonl(workdir / "nonfinite_steps.jsonl")] == [TOTAL + 1, TOTAL + 2]
+    second = resume(TOTAL + 4)
+    assert second.returncode != 0
+    assert "3 train steps in a row" in testing.tail(second) and "non-finite" in testing.tail(second)
+    starts = [json.loads(r.read_text())["start_step"] for r in sorted((workdir / "run_records").glob("run_*.json"))]
+    assert starts[-2:] == [TOTAL, TOTAL + 2]
     skipped = testing.read_jsonl(workdir / "nonfinite_steps.jsonl")
-    assert [s["step"] for s in skipped] == [TOTAL + 1, TOTAL + 2]
+    assert [s["step"] for s in skipped] == [TOTAL + 1, TOTAL + 2, TOTAL + 3]
     assert all(s["samples"][0]["name"].startswith("train/") for s in skipped)
     last = sorted(int(p.name) for p in (workdir / "checkpoints" / "last").iterdir() if p.name.isdigit())
-    assert last[-1] == TOTAL
+    assert last[-1] == TOTAL + 2
 
 
 def _free_port() -> int:

@@ -25,11 +25,13 @@ Outputs in WORKDIR (only process 0 writes files other than checkpoints; see docs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -42,7 +44,7 @@ from flax import nnx
 
 from vrtspike_jax.losses import RestorationLoss
 from vrtspike_jax.models import build_model
-from vrtspike_jax.train import checkpointing, sharding, validation
+from vrtspike_jax.train import checkpointing, preflight, sharding, validation
 from vrtspike_jax.train.run_record import write_run_record
 
 TRAIN_BATCH_KEYS = ("blur", "sharp", "spike_vox")
@@ -113,13 +115,30 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
     return tx, schedule
 
 
+def _is_injected(node) -> bool:
+    return isinstance(getattr(node, "hyperparams", None), dict)
+
+
 def learning_rate_of(opt_state) -> jax.Array:
     """The learning rate of the last update, read from the optimizer state (inject_hyperparams)."""
-    def is_injected(node) -> bool:
-        return isinstance(getattr(node, "hyperparams", None), dict)
-
-    states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(s)]
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(s)]
     return states[0].hyperparams["learning_rate"]
+
+
+def keep_schedule_position(kept_state, updated_state):
+    """`kept_state` (the optimizer state before a skipped update) with the schedule counter of `updated_state`.
+
+    A skipped (non-finite) step leaves AdamW's moments and its bias-correction count as they were (as PyTorch's
+    GradScaler skip does), but the step still counts: the learning-rate schedule (inject_hyperparams' own count)
+    moves on with it, so after k skipped steps the schedule is still at the train step and not k steps behind.
+    """
+    def pick(kept, updated):
+        if not _is_injected(kept):
+            return kept
+        counters = {name: getattr(updated, name) for name in ("count", "hyperparams_states") if hasattr(kept, name)}
+        return kept._replace(**counters)
+
+    return jax.tree.map(pick, kept_state, updated_state, is_leaf=_is_injected)
 
 
 def make_loss(config) -> RestorationLoss:
@@ -141,6 +160,8 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
     params: the model's nnx.Param pure dict. train_state: {"step": int32, "opt_state", "rng": uint32 key data}.
     batch: {"blur", "sharp" [B, T, H, W, 3], "spike_vox" [B, T, H/f, W/f, K]}. metrics: float32 scalars
     "loss", "charbonnier", "perceptual", "grad_norm", "learning_rate" and "finite" (1.0 when the update was applied).
+    A non-finite step keeps parameters and AdamW state; its schedule position still advances
+    (`keep_schedule_position`).
     """
 
     def train_step(params, train_state, batch, vgg_params):
@@ -155,13 +176,13 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
         (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, train_state["opt_state"], params)
+        updates, updated_opt_state = tx.update(grads, train_state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_params = keep(new_params, params)
-        new_opt_state = keep(new_opt_state, train_state["opt_state"])
+        new_opt_state = keep_schedule_position(keep(updated_opt_state, train_state["opt_state"]), updated_opt_state)
         metrics = {"loss": loss, "charbonnier": terms["charbonnier"], "perceptual": terms["perceptual"],
-                   "grad_norm": grad_norm, "learning_rate": learning_rate_of(new_opt_state),
+                   "grad_norm": grad_norm, "learning_rate": learning_rate_of(updated_opt_state),
                    "finite": finite.astype(jnp.float32)}
         new_train_state = {"step": step + 1, "opt_state": new_opt_state, "rng": train_state["rng"]}
         return new_params, new_train_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
@@ -338,6 +359,29 @@ def _host_init(config, model_mapping: Dict[str, Any]) -> Dict[str, Any]:
     return params
 
 
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks():
+    """While a restore fails, tensorstore's reader threads may call back into an asyncio loop that Orbax has
+    already closed; Python prints each as a RuntimeError traceback (through sys.excepthook, the threading hook or
+    the unraisable hook). Those are dropped (logged at debug level) for the duration; every other error goes to the
+    usual hook. After a failed restore the filter stays in place (the run is ending and the reader threads may
+    still call back)."""
+    import threading
+
+    def closed_loop(error) -> bool:
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            logging.debug("dropped a callback into a closed event loop: %s", error)
+            return True
+        return False
+
+    hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    sys.excepthook = lambda kind, value, tb: closed_loop(value) or hooks[0](kind, value, tb)
+    threading.excepthook = lambda args: closed_loop(args.exc_value) or hooks[1](args)
+    sys.unraisablehook = lambda info: closed_loop(info.exc_value) or hooks[2](info)
+    yield   # on failure the hooks stay: the reader threads go on calling back after the exception
+    sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+
+
 def _sample_metadata(train_iter, step: int, global_batch_size: int) -> List[Dict[str, Any]]:
     """The global batch of `step` (0-based) as {position, name, crop_y, crop_x, hflip, vflip} per sample."""
     samples = []
@@ -361,6 +405,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     from vrtspike_jax.inference import TileSpec, make_apply_fn
 
     run_start = time.perf_counter()
+    preflight.preflight(config)   # bad keys, absent files, unprepared data: one-line errors before any work
     maybe_initialize_distributed(config)
     enable_compilation_cache(config)
     workdir = Path(os.path.expanduser(os.fspath(workdir))).resolve()
@@ -393,31 +438,16 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                                keep_best=int(ckpt_cfg.keep_best),
                                                async_save=bool(ckpt_cfg.async_save))
     latest = checkpoints.latest_step()
-    resumed_from = None
+    resumed_from, resumed_position = None, {}
     if latest is not None:
         saved_config = checkpoints.read_config(latest)
         diffs = _model_differences(saved_config.get("model", {}), config_dict["model"])
         if diffs:
-            raise ValueError(f"{workdir} holds checkpoints of another model; differences: {'; '.join(diffs)}. "
-                             "Use a new --workdir (or the same model config) to go on.")
-        params, train_state, saved_position, _ = checkpoints.restore_last(latest, *setup.abstract_targets())
-        start_step = int(jax.device_get(train_state["step"]))
-        if int(saved_position.get("global_batch_size", global_batch_size)) != global_batch_size:
-            logging.warning("global_batch_size changed from %s to %d: the input order after the resume differs from an "
-                            "uninterrupted run", saved_position.get("global_batch_size"), global_batch_size)
-        resumed_from = str(workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest))
-        logging.info("resumed from %s (step %d)", resumed_from, start_step)
-    else:
-        params, train_state = setup.init_state(_host_init(config, setup.model_mapping), int(config.seed))
-        start_step = 0
-    best_psnr = checkpoints.best_value()
+            raise preflight.ConfigError(f"{workdir} holds checkpoints of another model; differences: "
+                                        f"{'; '.join(diffs)}. Use a new --workdir (or the same model config) to go on.")
+    start_step = 0 if latest is None else int(latest)   # a `last` checkpoint's number is its steps done
 
-    if is_main:
-        record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
-                                  extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape)})
-        logging.info("run record: %s", record)
-
-    # ---- input
+    # ---- input (before the model: a data error costs no initialisation, and nothing is recorded for it)
     data_seed = int(config.seed)
     train_iter = input_pipeline.create_train_iterator(config.data, global_batch_size=global_batch_size,
                                                       seed=data_seed, start_step=start_step,
@@ -427,10 +457,41 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     logging.info("data: %s (%d training clips, %d validation clips on this process)", train_iter.root,
                  train_iter.num_samples, len(eval_iter))
 
+    if latest is not None:
+        last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
+        try:
+            with _quiet_closed_loop_callbacks():
+                params, train_state, resumed_position, _ = checkpoints.restore_last(latest,
+                                                                                   *setup.abstract_targets())
+        except Exception as err:  # Orbax / tensorstore raise many types for a damaged or foreign folder
+            checkpoints.close()     # its background threads would otherwise print tracebacks at exit
+            raise checkpointing.CheckpointReadError(
+                f"{last_dir}: cannot restore this checkpoint ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:300]}); move that step folder away to resume from the previous one, "
+                "or use a new --workdir") from err
+        if int(jax.device_get(train_state["step"])) != start_step:
+            raise checkpointing.CheckpointReadError(
+                f"{last_dir}: holds step {int(jax.device_get(train_state['step']))}, not {start_step}")
+        if int(resumed_position.get("global_batch_size", global_batch_size)) != global_batch_size:
+            logging.warning("global_batch_size changed from %s to %d: the input order after the resume differs from an "
+                            "uninterrupted run", resumed_position.get("global_batch_size"), global_batch_size)
+        resumed_from = str(last_dir)
+        logging.info("resumed from %s (step %d)", resumed_from, start_step)
+    else:
+        params, train_state = setup.init_state(_host_init(config, setup.model_mapping), int(config.seed))
+    best_psnr = checkpoints.best_value()
+
+    if is_main:
+        record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
+                                  extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape)})
+        logging.info("run record: %s", record)
+
     def data_position(steps_done: int) -> Dict[str, Any]:
         return {"next_step": int(steps_done), "data_seed": data_seed, "global_batch_size": global_batch_size,
                 "samples_seen": int(steps_done) * global_batch_size, "train_root": str(train_iter.root),
-                "num_train_clips": int(train_iter.num_samples)}
+                "num_train_clips": int(train_iter.num_samples),
+                # non-finite steps in a row up to `steps_done`: a resume goes on counting (nonfinite.max_consecutive)
+                "nonfinite_in_row": int(step_metrics.in_row)}
 
     # ---- the compiled train step
     total_steps = int(config.total_steps)
@@ -516,6 +577,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     eval_every = int(config.eval.every_steps)
     ckpt_every = int(ckpt_cfg.every_steps)
     step_metrics = StepMetrics(int(_get(config, "nonfinite.max_consecutive", 10)))
+    step_metrics.in_row = int(resumed_position.get("nonfinite_in_row", 0))
     pending: Optional[Tuple[int, Any]] = None   # (0-based step, device metrics) not yet read back
 
     def read_back(item) -> None:
