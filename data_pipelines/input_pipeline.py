@@ -7,6 +7,11 @@ Public API (the training system calls these):
   create_train_iterator(data_config, *, global_batch_size, seed, start_step=0, process_index=None,
                         process_count=None) -> TrainIterator (infinite; numpy batches)
   create_eval_iterator(data_config, *, process_index=None, process_count=None) -> EvalIterator (finite)
+  TrainIterator.exclusion_counts(), EvalIterator.exclusion_counts() -> {excluded_runs, excluded_frames,
+    window_breaks, prepare_problems, num_frames, num_clips}: what the split leaves out (see `build_index`)
+
+Clips never span a time gap: they lie inside runs of frames with consecutive numbers whose exposure windows
+chain (`split_runs`); every run too short for a clip is logged (python logging, WARNING) and counted.
 
 A batch (numpy, channels-last, b = global_batch_size // process_count samples of this process):
   blur       float32 [b, T, H, W, 3] in [0, 1]
@@ -32,6 +37,7 @@ everything else need only numpy and Pillow.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from pathlib import Path
@@ -44,6 +50,8 @@ from data_pipelines.errors import DataError
 
 DEFAULT_CACHE_DIR = "~/.cache/vrtspike_jax"
 _U64 = np.uint64
+_log = logging.getLogger(__name__)
+_LOGGED_EXCLUSIONS: set = set()      # (root, split, message) already logged in this process
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -63,7 +71,8 @@ def default_data_config():
       spike_scale: f, RGB/spike resolution ratio; must match the prepared data (dataset.json).
       hflip, vflip: random horizontal / vertical flips in training (same for all frames and spikes).
       stats_file: voxel statistics; None means <root>/voxel_stats.json (train split only).
-      train_split, eval_split: split folders.
+      train_split, eval_split: split folders ("val" selects checkpoints; "test" is for reporting only and
+        must not be the eval_split of a run whose test number is reported; see docs/DATA.md section 5).
       num_parallel_calls: parallel sample loads in tf.data (-1 = AUTOTUNE).
       prefetch: batches prefetched (-1 = AUTOTUNE).
       eval_pad_to_equal: with several processes, pad every process to the same number of eval clips
@@ -154,11 +163,22 @@ class SplitIndex:
     vox_paths: List[str]
     clip_start: np.ndarray    # int64 [N] first row of each clip
     clip_mask: np.ndarray     # bool [N, T] frames of the clip that count (eval); all True for train
-    skipped: List[str]        # runs shorter than T
+    skipped: List[str]        # runs shorter than T, one line each (sequence, frames, reason)
+    excluded_runs: int = 0    # runs shorter than T (no clip can be built from them)
+    excluded_frames: int = 0  # frames in those runs (never seen by training / evaluation)
+    window_breaks: int = 0    # places where consecutive frame numbers were split because the windows do not chain
+    prepare_problems: int = 0  # problems prepare_data reported for the root (dropped frames and sequences)
 
     @property
     def num_clips(self) -> int:
         return int(self.clip_start.shape[0])
+
+    def exclusion_counts(self) -> Dict[str, int]:
+        """What this split leaves out, for the run's metrics: {excluded_runs, excluded_frames, window_breaks,
+        prepare_problems, num_frames, num_clips} (see `build_index`)."""
+        return {"excluded_runs": int(self.excluded_runs), "excluded_frames": int(self.excluded_frames),
+                "window_breaks": int(self.window_breaks), "prepare_problems": int(self.prepare_problems),
+                "num_frames": int(self.row_seq.shape[0]), "num_clips": self.num_clips}
 
     def clip_rows(self, clip: int) -> np.ndarray:
         return self.clip_start[clip] + np.arange(self.clip_length)
@@ -169,14 +189,55 @@ class SplitIndex:
         return f"{self.seq_names[self.row_seq[row]]}@{int(self.row_frame_idx[row])}"
 
 
-def _runs(frame_idx: np.ndarray) -> List[Tuple[int, int]]:
-    """(start, stop) of the runs of consecutive frame numbers in a sorted array."""
-    if frame_idx.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(frame_idx) != 1) + 1
+def split_runs(frame_idx: np.ndarray, t0: np.ndarray, t1: np.ndarray,
+               shared_clock: bool = True) -> Tuple[List[Tuple[int, int]], List[Tuple[int, str]]]:
+    """Runs of frames that are consecutive in time, in a sequence's rows sorted by frame number.
+
+    Rows i and i + 1 are consecutive when
+      * their frame numbers are consecutive (frame_idx[i + 1] == frame_idx[i] + 1), and,
+      * with a shared clock, their exposure windows chain: both t0 and t1 advance by the sequence's frame period
+        P, within P / 4. P is the smallest positive t0 step between rows with consecutive frame numbers (the
+        converters and the synthetic data write windows that advance by exactly P: P = exposure + gap ticks for
+        the synthetic data, 15 ticks with overlapping 33-tick windows for Spk-X4K1000FPS, 104 ticks for S-SDM's
+        Spk-GoPro). A window that stays, goes backwards, or jumps by about 2P or more (a frame missing in
+        between) ends the run.
+    Without a shared clock (ticks local to each frame's spike file), only the frame numbers count.
+
+    Returns:
+      ([(start, stop)] of each run, [(i, reason)] for each row i that starts a new run although its frame number
+      follows row i - 1's, i.e. each break made by the windows).
+    """
+    frame_idx = np.asarray(frame_idx, np.int64)
+    n = frame_idx.size
+    if n == 0:
+        return [], []
+    t0, t1 = np.asarray(t0, np.float64), np.asarray(t1, np.float64)
+    numbered = np.diff(frame_idx) == 1
+    chained = numbered.copy()
+    window_breaks: List[Tuple[int, str]] = []
+    if shared_clock and numbered.any():
+        d0, d1 = np.diff(t0), np.diff(t1)
+        steps = d0[numbered & (d0 > 0)]
+        period = float(steps.min()) if steps.size else 0.0
+        tolerance = period / 4
+        ok = (np.abs(d0 - period) <= tolerance) & (np.abs(d1 - period) <= tolerance) & (period > 0)
+        chained = numbered & ok
+        fmt = layout.format_number
+        for i in np.flatnonzero(numbered & ~ok).tolist():
+            window_breaks.append((i + 1, f"{frame_idx[i]} and {frame_idx[i + 1]}: exposure window "
+                                         f"[{fmt(t0[i + 1])}, {fmt(t1[i + 1])}] does not follow "
+                                         f"[{fmt(t0[i])}, {fmt(t1[i])}] by one frame period ({fmt(period)} ticks)"))
+    breaks = np.flatnonzero(~chained) + 1
     starts = np.r_[0, breaks]
-    stops = np.r_[breaks, frame_idx.size]
-    return list(zip(starts.tolist(), stops.tolist()))
+    stops = np.r_[breaks, n]
+    return list(zip(starts.tolist(), stops.tolist())), window_breaks
+
+
+def _log_exclusion(root: Path, split: str, message: str) -> None:
+    key = (str(root), split, message)
+    if key not in _LOGGED_EXCLUSIONS:
+        _LOGGED_EXCLUSIONS.add(key)
+        _log.warning("%s: %s", root / split, message)
 
 
 def eval_clips(run_length: int, clip_length: int) -> List[Tuple[int, np.ndarray]]:
@@ -199,10 +260,21 @@ def eval_clips(run_length: int, clip_length: int) -> List[Tuple[int, np.ndarray]
 
 def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: int,
                 for_eval: bool = False) -> SplitIndex:
-    """Reads prepared.json and lists the clips of `split` (train: every start; eval: `eval_clips`)."""
+    """Reads prepared.json and lists the clips of `split` (train: every start; eval: `eval_clips`).
+
+    Clips lie inside runs of frames consecutive in time (`split_runs`). Every run shorter than T and every
+    break made by non-chaining windows is logged once per process (python logging, WARNING, naming the
+    sequence, its frames and the reason); their numbers are in the index (`exclusion_counts()`).
+    """
     root = Path(root)
     prepared = prepare.read_prepared(root, num_bins=num_bins, spike_scale=spike_scale)
-    seqs = prepared["splits"].get(split, [])
+    if split not in prepared["splits"]:
+        raise DataError(root / layout.PREPARED_JSON, f"no split {split!r}: the prepared splits are "
+                                                     f"{', '.join(sorted(prepared['splits']))}", "config")
+    shared_clock = bool(prepared.get("shared_clock", layout.default_shared_clock(
+        str(prepared.get("source_layout", "vrtspike")))))
+    seqs = prepared["splits"][split]
+    excluded_runs = excluded_frames = window_breaks = 0
     seq_names, seq_hw = [], []
     row_seq, row_idx, row_t0, row_t1, row_off = [], [], [], [], []
     blur_paths, sharp_paths, vox_paths = [], [], []
@@ -213,6 +285,8 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
         seq_dir = root / seq["name"]
         base = len(row_seq)
         idx = np.array([fr[0] for fr in seq["frames"]], np.int64)
+        seq_t0 = np.array([fr[2] for fr in seq["frames"]], np.float64)
+        seq_t1 = np.array([fr[3] for fr in seq["frames"]], np.float64)
         for frame_idx, stem, t0, t1, _, offset in seq["frames"]:
             row_seq.append(s)
             row_idx.append(frame_idx)
@@ -222,10 +296,19 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
             blur_paths.append(str(seq_dir / layout.BLUR / f"{stem}.png"))
             sharp_paths.append(str(seq_dir / layout.SHARP / f"{stem}.png"))
             vox_paths.append(str(seq_dir / layout.SPIKE_VOX / f"{stem}.npy"))
-        for start, stop in _runs(idx):
+        runs, breaks = split_runs(idx, seq_t0, seq_t1, shared_clock)
+        window_breaks += len(breaks)
+        for _, reason in breaks:
+            _log_exclusion(root, split, f"{seq['name']}: clips are not built across frames {reason}")
+        for start, stop in runs:
             n = stop - start
             if n < clip_length:
-                skipped.append(f"{seq['name']} frames {idx[start]}..{idx[stop - 1]} ({n} < T={clip_length})")
+                line = (f"{seq['name']} frames {idx[start]}..{idx[stop - 1]}: run of {n} frame(s) consecutive in "
+                        f"time, shorter than the clip length T={clip_length}; excluded")
+                skipped.append(line)
+                excluded_runs += 1
+                excluded_frames += n
+                _log_exclusion(root, split, line)
                 continue
             if for_eval:
                 for offset, mask in eval_clips(n, clip_length):
@@ -243,7 +326,8 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
         row_t1=np.array(row_t1, np.float64), row_vox_offset=np.array(row_off, np.int64),
         blur_paths=blur_paths, sharp_paths=sharp_paths, vox_paths=vox_paths,
         clip_start=np.array(clip_start, np.int64), clip_mask=np.array(clip_mask, bool).reshape(-1, clip_length),
-        skipped=skipped)
+        skipped=skipped, excluded_runs=excluded_runs, excluded_frames=excluded_frames, window_breaks=window_breaks,
+        prepare_problems=int(prepared.get("num_problems", 0)))
 
 
 # ------------------------------------------------------------------------------------- sample order
@@ -399,7 +483,8 @@ class TrainIterator:
     """Infinite iterator of per-process training batches (numpy dicts); see the module docstring.
 
     Attributes: root, index (SplitIndex), local_batch_size, global_batch_size, start_step, step (next step),
-    stats (mean, std). `sample_name(sample_id)` names a clip (`train/<seq>@<first frame_idx>`).
+    stats (mean, std). `sample_name(sample_id)` names a clip (`train/<seq>@<first frame_idx>`);
+    `exclusion_counts()` says what the split leaves out.
     """
 
     def __init__(self, dataset, index: SplitIndex, *, global_batch_size: int, local_batch_size: int,
@@ -429,6 +514,10 @@ class TrainIterator:
 
     def sample_name(self, sample_id: int) -> str:
         return self.index.clip_name(int(sample_id))
+
+    def exclusion_counts(self) -> Dict[str, int]:
+        """What the train split leaves out (SplitIndex.exclusion_counts), for the run's metrics."""
+        return self.index.exclusion_counts()
 
     @property
     def element_spec(self):
@@ -580,6 +669,11 @@ class EvalIterator:
 
     def sample_name(self, sample_id: int) -> str:
         return self.index.clip_name(int(sample_id))
+
+    def exclusion_counts(self) -> Dict[str, int]:
+        """What the evaluation split leaves out (SplitIndex.exclusion_counts; the whole split, not this
+        process's share), for the run's metrics."""
+        return self.index.exclusion_counts()
 
 
 def create_eval_iterator(data_config, *, process_index: Optional[int] = None,

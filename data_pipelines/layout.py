@@ -16,7 +16,9 @@ Time base (the fix for the original's mixed-up clocks): all times are in *ticks*
 clock, one tick per spike frame. `t0`, `t1` (closed exposure window of the blurry frame) and `spike_t0` (the
 tick of frame 0 of `spike/<frame>.dat`; frame j has tick `spike_t0 + j`) are ticks; `dataset.json`
 optionally says how many ticks make a second (`tick_rate_hz`). `seq` is `<split>/<sequence>`; `frame_idx`
-is the number in the frame's file name; frames of a sequence are consecutive when their numbers are.
+is the number in the frame's file name. Frames of a sequence are consecutive in time when their numbers are
+consecutive and, where the sequence's ticks share one clock (`shared_clock` in dataset.json), their exposure
+windows advance by one frame period (see `input_pipeline.split_runs`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -39,7 +42,8 @@ PathLike = Union[str, os.PathLike]
 
 FORMAT = "vrtspike-layout"
 VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+OPTIONAL_SPLITS = ("test",)     # a root without test/ is complete; train/ and val/ are required
 DATASET_JSON = "dataset.json"
 ALIGNMENT_CSV = "alignment.csv"
 PREPARED_JSON = "prepared.json"
@@ -67,12 +71,19 @@ class DatasetInfo:
     tick_rate_hz: spike frames per second (None when unknown); informative, the data path uses ticks.
     source_layout: where the data came from (`synthetic`, `spk_x4k1000fps`, ...).
     description: free text.
+    shared_clock: whether the ticks of all frames of a sequence are on one clock, so that exposure windows
+      of successive frames can be compared (True for ours, the synthetic data, Spk-X4K1000FPS and S-SDM's
+      Spk-GoPro; False for SpkDeblurNet's Spk-GoPro, whose ticks are local to each frame's spike file).
+    converter_version: for a root written by `converters`, the version of their frame numbering and split rules
+      (None otherwise); a resumed conversion refuses a destination written by another version.
     """
 
     spike_scale: int = 1
     tick_rate_hz: Optional[float] = None
     source_layout: str = "vrtspike"
     description: str = ""
+    shared_clock: bool = True
+    converter_version: Optional[int] = None
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +94,8 @@ class DatasetInfo:
             "time_unit": "tick = one spike frame; t0, t1, spike_t0 in alignment.csv are ticks",
             "source_layout": self.source_layout,
             "description": self.description,
+            "shared_clock": bool(self.shared_clock),
+            **({} if self.converter_version is None else {"converter_version": int(self.converter_version)}),
         }
 
 
@@ -108,9 +121,19 @@ def read_dataset_info(root: PathLike) -> DatasetInfo:
     rate = raw.get("tick_rate_hz")
     if rate is not None and not (isinstance(rate, (int, float)) and rate > 0):
         raise DataError(path, f"tick_rate_hz must be a positive number or null, found {rate!r}", "bad_manifest")
+    source_layout = str(raw.get("source_layout", "vrtspike"))
+    shared = raw.get("shared_clock", default_shared_clock(source_layout))
+    if not isinstance(shared, bool):
+        raise DataError(path, f"shared_clock must be true or false, found {shared!r}", "bad_manifest")
     return DatasetInfo(spike_scale=scale, tick_rate_hz=None if rate is None else float(rate),
-                       source_layout=str(raw.get("source_layout", "vrtspike")),
-                       description=str(raw.get("description", "")))
+                       source_layout=source_layout, description=str(raw.get("description", "")),
+                       shared_clock=shared, converter_version=raw.get("converter_version"))
+
+
+def default_shared_clock(source_layout: str) -> bool:
+    """`shared_clock` of a manifest that does not state it: False only for SpkDeblurNet's Spk-GoPro conversion
+    (written before the field existed), whose ticks are local to each frame's spike file."""
+    return source_layout != "spk_gopro_spkdeblurnet"
 
 
 def write_dataset_info(root: PathLike, info: DatasetInfo) -> None:
@@ -367,13 +390,15 @@ def list_sequence(split: str, seq_dir: PathLike) -> SequenceListing:
 
 
 def list_root(root: PathLike) -> Tuple[List[SequenceListing], List[DataError]]:
-    """Lists every sequence of ROOT/{train,val}. Returns (listings, root-level problems)."""
+    """Lists every sequence of ROOT/{train,val,test} (test/ is optional). Returns (listings, root problems)."""
     root = Path(root)
     listings: List[SequenceListing] = []
     problems: List[DataError] = []
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
+            if split in OPTIONAL_SPLITS:
+                continue
             problems.append(DataError(split_dir, f"no {split}/ folder", "missing_folder"))
             continue
         seq_dirs = [p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
@@ -386,6 +411,19 @@ def list_root(root: PathLike) -> Tuple[List[SequenceListing], List[DataError]]:
 
 # --------------------------------------------------------------------------------------------- file reads
 
+# What Pillow raises for a corrupt or unreadable image (UnidentifiedImageError and "broken data stream" are
+# OSErrors; truncated or malformed chunks give SyntaxError, EOFError, struct.error or ValueError). Anything
+# else (TypeError, AttributeError, ...) is a bug in our code and propagates.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error)
+# What numpy raises for an unreadable or malformed .npy file.
+NPY_DECODE_ERRORS = (OSError, EOFError, ValueError)
+
+
+def _image_decode_errors():
+    from PIL import Image
+
+    return IMAGE_DECODE_ERRORS + (Image.DecompressionBombError,)
+
 
 def png_size(path: PathLike) -> Tuple[int, int]:
     """(H, W) of an 8-bit RGB PNG from its header (no decode). Raises DataError("bad_image")."""
@@ -396,7 +434,7 @@ def png_size(path: PathLike) -> Tuple[int, int]:
             fmt, mode, (width, height) = img.format, img.mode, img.size
     except FileNotFoundError:
         raise DataError(path, "file not found", "missing_folder") from None
-    except Exception as err:  # PIL raises several types for garbage
+    except _image_decode_errors() as err:
         raise DataError(path, f"unreadable image ({type(err).__name__}: {err})", "bad_image") from None
     if fmt != "PNG":
         raise DataError(path, f"expected a PNG file, found {fmt}", "bad_image")
@@ -414,7 +452,7 @@ def load_png(path: PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             array = np.asarray(img, dtype=np.uint8)
-    except Exception as err:
+    except _image_decode_errors() as err:
         raise DataError(path, f"corrupt PNG ({type(err).__name__}: {err})", "bad_image") from None
     if array.ndim != 3 or array.shape[2] != 3:
         raise DataError(path, f"expected [H, W, 3] pixels, found shape {array.shape}", "bad_image")
@@ -435,7 +473,7 @@ def voxel_header(path: PathLike) -> Tuple[Tuple[int, ...], np.dtype, int]:
             offset = f.tell()
     except FileNotFoundError:
         raise DataError(path, "file not found", "missing_folder") from None
-    except Exception as err:
+    except NPY_DECODE_ERRORS as err:
         raise DataError(path, f"unreadable .npy ({type(err).__name__}: {err})", "bad_voxels") from None
     if fortran:
         raise DataError(path, "voxel cache must be C-ordered, found Fortran order", "bad_voxels")
@@ -455,7 +493,7 @@ def load_voxel_counts(path: PathLike, num_bins: int, height: int, width: int) ->
         raise DataError(path, f"voxel cache shape {shape}, expected {expected} (K, H/f, W/f)", "bad_voxels")
     try:
         array = np.load(path, allow_pickle=False)
-    except Exception as err:
+    except NPY_DECODE_ERRORS as err:
         raise DataError(path, f"unreadable .npy ({type(err).__name__}: {err})", "bad_voxels") from None
     if array.dtype.kind == "f":
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))

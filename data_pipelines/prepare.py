@@ -3,6 +3,9 @@ alignment log with event counts and the index (`prepared.json`) that the input p
 
 Rules:
 - Every problem is one line naming the file, what was expected and what was found (`DataError`).
+- Only bad files count as bad data: DataErrors from the readers, which turn decoding errors (Pillow's, numpy's
+  .npy errors, malformed .dat sizes) into one line naming the file. Any other exception is a bug, not data,
+  and propagates.
 - A bad frame is dropped and logged; the run goes on. Whole sequences are dropped for folder-level
   problems (e.g. no sharp/: ground truth is never fabricated). Only a root that cannot be read at all
   (missing, unknown layout, no alignment log) or that leaves no train frame stops the run.
@@ -139,7 +142,11 @@ def _cache_usable(task: FrameTask, hs: int, ws: int) -> Tuple[bool, str]:
 
 
 def process_frame(task: FrameTask) -> FrameResult:
-    """Validates one frame and (unless check_only) writes its voxel cache. Never raises for bad data."""
+    """Validates one frame and (unless check_only) writes its voxel cache.
+
+    Bad data (a DataError from the file readers) is returned as the result's problem; any other exception
+    propagates.
+    """
     try:
         height, width = layout.png_size(task.blur)
         sh, sw = layout.png_size(task.sharp)
@@ -204,11 +211,11 @@ def process_frame(task: FrameTask) -> FrameResult:
             result.vox_stat = _stat(task.vox)
         return result
     except DataError as err:
+        # Bad input only: the readers (layout.png_size / load_png / load_voxel_counts, spike_dat) turn decoding
+        # errors of the files they read into DataErrors naming the file. Anything else (a TypeError, a failed
+        # cache write, ...) is not a property of the data and propagates: prepare_data then stops with
+        # "internal error" (exit 3) instead of blaming a PNG.
         return FrameResult(task.key, False, problem=err)
-    except Exception as err:  # an unforeseen failure is still one line naming the frame
-        return FrameResult(task.key, False, problem=DataError(task.blur, f"unexpected error "
-                                                                         f"{type(err).__name__}: {err}",
-                                                              "bad_image"))
 
 
 # -------------------------------------------------------------------------------------------- journal
@@ -499,7 +506,7 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
             atomic_write_json(root / layout.PREPARED_JSON, {
                 "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "num_bins": options.num_bins,
                 "spike_scale": info.spike_scale, "voxel_dtype": dtype, "tick_rate_hz": info.tick_rate_hz,
-                "source_layout": info.source_layout, "splits": index,
+                "source_layout": info.source_layout, "shared_clock": bool(info.shared_clock), "splits": index,
                 "num_problems": len(problems),
             }, compact=True)
     result.seconds = time.time() - start
@@ -513,8 +520,10 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
 
 
 def summary_line(result: PrepareResult) -> str:
+    splits = [split for split in layout.SPLITS
+              if split not in layout.OPTIONAL_SPLITS or result.kept_sequences.get(split, 0)]
     kept = ", ".join(f"{split}: {result.kept_frames.get(split, 0)} frames in {result.kept_sequences.get(split, 0)} "
-                     f"sequences" for split in layout.SPLITS)
+                     f"sequences" for split in splits)
     stats = "" if result.stats is None else f"; voxel log1p mean {result.stats[0]:.6g}, std {result.stats[1]:.6g}"
     return f"kept {kept}; {len(result.problems)} problem(s){stats}"
 

@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ssdm_margin", type=int, default=20)
     g.add_argument("--gopro_window", type=int, default=56)
     g.add_argument("--gopro_blur", default="blur_gamma")
+    g.add_argument("--val_from_train", type=float, default=0.1,
+                   help="GoPro layouts: train sequences moved whole to our val split (model selection): a fraction "
+                        "in (0, 1), a whole number >= 1, or 0; chosen by the SHA-256 of their names (default 0.1). "
+                        "The official test split stays our test split")
     t = p.add_argument_group("TFDS")
     t.add_argument("--build_tfds", action="store_true", help="build the TFDS dataset of the prepared root")
     t.add_argument("--tfds_dir", default=None, help="TFDS data_dir (default ROOT/tfds)")
@@ -57,12 +61,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--check_only writes nothing: run it on the converted root, without --convert_from/--build_tfds")
     if args.num_bins < 1:
         p.error(f"--num_bins must be >= 1, got {args.num_bins}")
+    v = args.val_from_train
+    if not (v >= 0 and (v < 1 or float(v).is_integer())):
+        p.error(f"--val_from_train must be 0, a fraction in (0, 1) or a whole number of sequences, got {v:g}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import logging
     import os
+
+    # The converters and prepare log every dropped frame; this script prints each of them itself (one
+    # "problem:"/"note:" line), so their log records must not reach Python's last-resort stderr handler too.
+    logging.getLogger("data_pipelines").addHandler(logging.NullHandler())
 
     from data_pipelines import prepare
 
@@ -78,7 +90,8 @@ def main(argv=None) -> int:
             layout=args.source_layout, spike_scale=args.spike_scale, x4k_blur_frames=args.x4k_blur_frames,
             spike_margin=args.spike_margin, ssdm_spikes=args.ssdm_spikes,
             ssdm_exposure_frames=args.ssdm_exposure_frames, ssdm_margin=args.ssdm_margin,
-            gopro_window=args.gopro_window, gopro_blur=args.gopro_blur, progress=not args.noprogress))
+            gopro_window=args.gopro_window, gopro_blur=args.gopro_blur, val_from_train=args.val_from_train,
+            progress=not args.noprogress))
         for err in report.problems:
             problem(f"problem: {err.message}")
         for note in report.notes:

@@ -1,11 +1,13 @@
 """Input pipeline: deterministic batches, exact process shards, resume at step s, TF == numpy loading, eval
 coverage, config checks, embedded dataset on first use."""
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
 
 from data_pipelines import input_pipeline as ip
+from data_pipelines import layout, prepare
 from data_pipelines.errors import DataError
 from data_pipelines.testing import TINY_SPEC, make_tiny_root
 
@@ -64,6 +66,8 @@ def test_batch_layout_and_values(roots):
     name = it.sample_name(batch["sample_id"][0])
     assert name.startswith("train/") and name.endswith(f"@{batch['frame_idx'][0, 0]}")
     assert it.num_samples == 9 and len(ip.train_sample_names(_config(roots[2], spike_scale=2))) == 9
+    assert it.exclusion_counts() == {"excluded_runs": 0, "excluded_frames": 0, "window_breaks": 0,
+                                     "prepare_problems": 0, "num_frames": 21, "num_clips": 9}
 
 
 def test_same_seed_same_batches_other_seed_other_batches(roots):
@@ -206,3 +210,84 @@ def test_embedded_dataset_on_first_use(tmp_path):
     it = ip.create_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
     assert it.root == root and next(it)["blur"].shape == (2, 5, 32, 32, 3)
     assert ip.ensure_embedded_dataset(cfg, log=lambda s: None) == root     # reused, not rebuilt
+
+
+# ------------------------------------------------------------------- runs: frames consecutive in time only
+
+
+def test_split_runs_needs_consecutive_numbers_and_chaining_windows():
+    idx = np.arange(6)
+    # Spk-X4K1000FPS: 33-tick windows whose centres are 15 ticks apart (overlapping windows) form one run.
+    t0 = 15.0 * idx
+    assert ip.split_runs(idx, t0, t0 + 32) == ([(0, 6)], [])
+    # A window that jumps by two periods (a frame missing in between) or goes backwards starts a new run.
+    jump = t0.copy()
+    jump[3:] += 15
+    runs, breaks = ip.split_runs(idx, jump, jump + 32)
+    assert runs == [(0, 3), (3, 6)] and [i for i, _ in breaks] == [3]
+    assert "2 and 3: exposure window [60, 92] does not follow [30, 62] by one frame period (15 ticks)" in breaks[0][1]
+    back = t0.copy()
+    back[4:] -= 100
+    assert ip.split_runs(idx, back, back + 32)[0] == [(0, 4), (4, 6)]
+    # A window that stays (same t0) or changes length by more than a quarter period also breaks the run.
+    assert ip.split_runs(np.arange(3), np.array([0.0, 64, 64]), np.array([63.0, 127, 127]))[0] == [(0, 2), (2, 3)]
+    assert ip.split_runs(np.arange(3), np.array([0.0, 64, 128]), np.array([63.0, 127, 160]))[0] == [(0, 2), (2, 3)]
+    # Windows with a gap between exposures (S-SDM: 97-tick windows every 104 ticks) chain, jitter within P/4 too.
+    ssdm = np.array([104.0, 208, 312, 419])
+    assert ip.split_runs(np.arange(4), ssdm, ssdm + 96)[0] == [(0, 4)]
+    # A gap in the frame numbers always splits; without a shared clock only the numbers count.
+    assert ip.split_runs(np.array([0, 1, 3, 4]), 15.0 * np.arange(4), 15.0 * np.arange(4) + 32)[0] == [(0, 2), (2, 4)]
+    local = np.full(4, 7.0)
+    assert ip.split_runs(np.arange(4), local, local + 55, shared_clock=False) == ([(0, 4)], [])
+    assert ip.split_runs(np.arange(4), local, local + 55)[0] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def _shift_windows(root, seq: str, first_frame: int, ticks: float) -> None:
+    """Moves the windows (and spike time bases) of frames >= first_frame of `seq` by `ticks` in alignment.csv."""
+    rows, problems, _ = layout.read_alignment(root / layout.ALIGNMENT_CSV)
+    assert not problems
+    moved = [dataclasses.replace(r, t0=r.t0 + ticks, t1=r.t1 + ticks, spike_t0=r.spike_t0 + ticks)
+             if r.seq == seq and r.frame_idx >= first_frame else r for r in rows.values()]
+    layout.write_alignment(root / layout.ALIGNMENT_CSV, moved)
+
+
+@pytest.mark.parametrize("ticks", [64.0, -320.0])      # a jump of 2 periods (32 ticks each); backwards
+def test_no_clip_across_a_time_gap_and_exclusions_are_logged_and_counted(tmp_path, caplog, ticks):
+    root = make_tiny_root(tmp_path / "root", prepare_it=False)
+    seq = sorted(f"train/{p.name}" for p in (root / "train").iterdir())[0]
+    _shift_windows(root, seq, 4, ticks)                 # frames 0..3, then 4..6 after a time gap
+    result = prepare.prepare_root(prepare.PrepareOptions(root=root, progress=False), log=lambda s: None)
+    assert result.exit_code == 0                        # every frame is sound on its own
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        index = ip.build_index(root, "train", 3, 32, 1)
+    for c in range(index.num_clips):
+        rows = index.clip_rows(c)
+        np.testing.assert_array_equal(np.diff(index.row_t0[rows]), 32.0)      # windows chain inside every clip
+    ours = sorted(int(index.row_frame_idx[s]) for s in index.clip_start if index.seq_names[index.row_seq[s]] == seq)
+    assert ours == [0, 1, 4]                            # runs 0..3 and 4..6: nothing starts at 2 or 3
+    assert index.num_clips == 3 + 2 * 5 and index.window_breaks == 1 and index.excluded_runs == 0
+    breaks = [r.getMessage() for r in caplog.records if "clips are not built across" in r.getMessage()]
+    assert len(breaks) == 1 and seq in breaks[0] and "3 and 4" in breaks[0]
+    # With T = 5 both runs are too short: each is logged once (naming the frames) and counted.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_pipelines"):
+        index = ip.build_index(root, "train", 5, 32, 1)
+        again = ip.build_index(root, "train", 5, 32, 1)
+    short = [r.getMessage() for r in caplog.records if "shorter than the clip length" in r.getMessage()]
+    assert len(short) == 2                              # once per exclusion, not once per index build
+    assert any(f"{seq} frames 0..3: run of 4 frame(s)" in m for m in short)
+    assert any(f"{seq} frames 4..6: run of 3 frame(s)" in m for m in short)
+    counts = index.exclusion_counts()
+    assert counts == again.exclusion_counts()
+    assert counts["excluded_runs"] == 2 and counts["excluded_frames"] == 7 and counts["window_breaks"] == 1
+    assert counts["prepare_problems"] == 0 and counts["num_frames"] == 21 and counts["num_clips"] == 2 * 3
+
+
+def test_eval_iterator_reports_exclusions_and_missing_splits(roots):
+    it = ip.create_eval_iterator(_config(roots[1], clip_length=4), process_index=0, process_count=1)
+    assert it.exclusion_counts() == it.index.exclusion_counts()
+    assert it.exclusion_counts()["excluded_runs"] == 0 and it.exclusion_counts()["num_frames"] == 6
+    with pytest.raises(DataError, match="no clip of T=7 consecutive frames .*run of 6 frame"):
+        ip.create_eval_iterator(_config(roots[1], clip_length=7), process_index=0, process_count=1)
+    with pytest.raises(DataError, match="no split 'holdout': the prepared splits are test, train, val"):
+        ip.build_index(roots[1], "holdout", 5, 32, 1)

@@ -41,7 +41,7 @@ def test_alignment_problems_each_named_with_line(tmp_path):
         "1,40,40,,train/a,32\n"          # t1 <= t0
         "2,abc,95,,train/a,64\n"         # not a number
         "3,96,inf,,train/a,96\n"         # not finite
-        "4,128,159,,test/a,128\n"        # unknown split
+        "4,128,159,,holdout/a,128\n"     # unknown split
         "x,160,191,,train/a,160\n"       # frame_idx not an integer
         "6,192,223,,train/a,192\n"
         "6,192,223,,train/a,192\n"       # duplicate
@@ -70,6 +70,10 @@ def test_alignment_missing_or_without_time_base_is_an_error(tmp_path):
     assert "spike_t0" in str(err.value) and "time base" in str(err.value)
 
 
+def raw_shared(root):
+    return json.loads((root / "dataset.json").read_text())["shared_clock"]
+
+
 def test_dataset_json_checks(tmp_path):
     with pytest.raises(DataError) as err:
         layout.read_dataset_info(tmp_path)
@@ -78,6 +82,21 @@ def test_dataset_json_checks(tmp_path):
     info = layout.read_dataset_info(tmp_path)
     assert info.spike_scale == 2 and info.tick_rate_hz == 4000.0
     raw = json.loads((tmp_path / "dataset.json").read_text())
+    assert info.shared_clock is True and raw_shared(tmp_path) is True
+    layout.write_dataset_info(tmp_path, layout.DatasetInfo(source_layout="spk_gopro_spkdeblurnet", shared_clock=False))
+    assert layout.read_dataset_info(tmp_path).shared_clock is False
+    raw = json.loads((tmp_path / "dataset.json").read_text())
+    del raw["shared_clock"]                 # written before the field existed: the layout decides
+    (tmp_path / "dataset.json").write_text(json.dumps(raw))
+    assert layout.read_dataset_info(tmp_path).shared_clock is False
+    raw["source_layout"] = "spk_x4k1000fps"
+    (tmp_path / "dataset.json").write_text(json.dumps(raw))
+    assert layout.read_dataset_info(tmp_path).shared_clock is True
+    raw["shared_clock"] = "yes"
+    (tmp_path / "dataset.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="shared_clock must be true or false, found 'yes'"):
+        layout.read_dataset_info(tmp_path)
+    raw["shared_clock"] = True
     raw["spike_scale"] = 1.5
     (tmp_path / "dataset.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match="spike_scale must be a positive integer, found 1.5"):
@@ -105,6 +124,24 @@ def test_png_readers(tmp_path):
     with pytest.raises(DataError) as err:
         layout.load_png(garbage)
     assert err.value.kind == "bad_image" and str(garbage) in str(err.value)
+
+
+def test_readers_let_bugs_through(tmp_path, monkeypatch):
+    """Only decoding errors become "bad file" DataErrors; an error of another kind (a bug) propagates."""
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(good)
+    npy = tmp_path / "good.npy"
+    np.save(npy, np.zeros((2, 3, 4), np.uint8))
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug, not bad data")
+
+    monkeypatch.setattr(Image, "open", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        layout.png_size(good)
+    monkeypatch.setattr(np, "load", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        layout.load_voxel_counts(npy, 2, 3, 4)
 
 
 def test_voxel_cache_checks(tmp_path):

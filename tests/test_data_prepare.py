@@ -215,3 +215,53 @@ def test_parallel_workers_match_serial(clean_root, tmp_path):
     assert ra.exit_code == rb.exit_code == 0
     assert (a / layout.STATS_JSON).read_bytes() == (b / layout.STATS_JSON).read_bytes()
     assert (a / layout.ALIGNMENT_CSV).read_bytes() == (b / layout.ALIGNMENT_CSV).read_bytes()
+
+
+def test_only_decoding_errors_count_as_bad_files(clean_root, tmp_path, monkeypatch):
+    """A bug in our code (here a TypeError from the voxeliser) propagates instead of being reported as a bad
+    blurry PNG; a corrupt PNG is still one problem naming that file."""
+    root = _copy(clean_root, tmp_path)
+    png = sorted(root.glob("train/*/blur/000001.png"))[0]
+    data = bytearray(png.read_bytes())
+    data[60:160] = bytes(100)
+    png.write_bytes(bytes(data))
+    result = prepare.prepare_root(prepare.PrepareOptions(root=root, progress=False), log=lambda s: None)
+    assert result.exit_code == 1
+    assert [(p.kind, p.path) for p in result.problems] == [("bad_image", str(png))]
+    assert "corrupt PNG (OSError" in result.problems[0].message
+
+    def broken(*args, **kwargs):
+        raise TypeError("count_spikes() got an unexpected keyword argument")
+
+    monkeypatch.setattr(voxelize, "count_spikes", broken)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        prepare.prepare_root(prepare.PrepareOptions(root=root, progress=False, overwrite=True), log=lambda s: None)
+
+
+def test_test_split_is_prepared_but_never_in_the_statistics(clean_root, tmp_path):
+    root = _copy(clean_root, tmp_path)
+    reference = _copy(clean_root, tmp_path / "ref")
+    assert prepare.prepare_root(prepare.PrepareOptions(root=reference, progress=False),
+                                log=lambda s: None).exit_code == 0
+    # A test split: a copy of the val sequence under test/, with its alignment lines.
+    val_seq = next((root / "val").iterdir())
+    shutil.copytree(val_seq, root / "test" / val_seq.name)
+    rows, _, _ = layout.read_alignment(root / layout.ALIGNMENT_CSV)
+    extra = [layout.AlignmentRow(f"test/{val_seq.name}", r.frame_idx, r.t0, r.t1, r.spike_t0, None, r.source)
+             for r in rows.values() if r.seq == f"val/{val_seq.name}"]
+    layout.write_alignment(root / layout.ALIGNMENT_CSV, list(rows.values()) + extra)
+    result = prepare.prepare_root(prepare.PrepareOptions(root=root, progress=False), log=lambda s: None)
+    assert result.exit_code == 0, [p.message for p in result.problems]
+    assert result.kept_frames == {"train": 21, "val": 6, "test": 6}
+    assert "val: 6 frames in 1 sequences, test: 6 frames in 1 sequences;" in prepare.summary_line(result)
+    prepared = json.loads((root / layout.PREPARED_JSON).read_text())
+    assert [s["name"] for s in prepared["splits"]["test"]] == [f"test/{val_seq.name}"]
+    assert prepared["shared_clock"] is True
+    assert (root / layout.STATS_JSON).read_bytes() == (reference / layout.STATS_JSON).read_bytes()   # train only
+    # A root without test/ is complete (no problem), one without val/ is not.
+    assert "test" not in prepare.summary_line(prepare.prepare_root(
+        prepare.PrepareOptions(root=reference, progress=False), log=lambda s: None))
+    shutil.rmtree(reference / "val")
+    missing = prepare.prepare_root(prepare.PrepareOptions(root=reference, progress=False), log=lambda s: None)
+    assert ("missing_folder", str(reference / "val")) in [(p.kind, p.path) for p in missing.problems]
+    assert not any("test" in p.reason for p in missing.problems)
