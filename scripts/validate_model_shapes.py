@@ -3,11 +3,18 @@
     python scripts/validate_model_shapes.py --config=configs/baseline.py[:variant] [--frames 5 --height 256 --width 256]
 
 Nothing is computed: the model is built abstractly (nnx.eval_shape) and the forward pass is traced with
-jax.eval_shape, so the full baseline is checked in seconds on a laptop. Exit status 1 (with the reason, no
-traceback) when the configuration cannot be built or the shapes do not line up.
+jax.eval_shape, so the full baseline is checked in seconds on a laptop. The model is the one training builds:
+`model.dtype = "auto"` is resolved as training resolves it (vrtspike_jax.train.checkpointing.model_mapping), so
+the compute dtype printed is that of a run on this machine's backend.
+
+Exit status: 0 when every fused stage lines up; 1 (with the reason, no traceback) when the configuration's model
+cannot be built or its shapes do not line up; 2 (one line on stderr) for a bad command line: no --config, a config
+file that does not exist or cannot be loaded, an unknown variant after the colon, a bad flag value.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import jax
@@ -18,6 +25,7 @@ from ml_collections import config_flags
 
 from vrtspike_jax.models import build_model, model_config_from_dict, part_parameter_counts
 from vrtspike_jax.models.vrt_spike import ENCODER_SCALE_OF_STAGE
+from vrtspike_jax.train.checkpointing import model_mapping
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (with a `model` section).",
                                           lock_config=False)
@@ -35,7 +43,7 @@ def _data_default(config, name, fallback):
 def validate(config, frames: int, height: int, width: int, out=print) -> int:
     """Prints the report; returns 0 when every fused stage lines up, 1 otherwise."""
     try:
-        model_config = model_config_from_dict(config.model)
+        model_config = model_config_from_dict(model_mapping(config.model))   # dtype 'auto' resolved as training does
         model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
     except (ValueError, TypeError) as exc:
         out(f"ERROR: the model cannot be built: {exc}")
@@ -56,7 +64,9 @@ def validate(config, frames: int, height: int, width: int, out=print) -> int:
     counts = part_parameter_counts(model)
     out(f"input frames {tuple(frames_shape.shape)}, spike voxels {tuple(spikes_shape.shape)} -> output "
         f"{tuple(out_shape.shape)}")
-    out(f"use_spike={model_config.use_spike}, fused stages {list(model.fuse_stages)}, spike_scale={f}")
+    dtype = model_config.vrt.dtype
+    out(f"use_spike={model_config.use_spike}, fused stages {list(model.fuse_stages)}, spike_scale={f}, "
+        f"compute dtype {jnp.dtype(dtype).name if dtype else 'float32'} (backend {jax.default_backend()})")
     status = 0
     if model_config.use_spike:
         out(f"{'stage':>5}  {'Fr_i (RGB)':<22} {'Fs_i (encoder)':<22} {'Fs_i prime (TSA)':<22} {'Ff_i (fused)':<22}")
@@ -72,12 +82,78 @@ def validate(config, frames: int, height: int, width: int, out=print) -> int:
     return status
 
 
-def main(argv):
-    del argv
+class UsageError(Exception):
+    """A bad command line: reported as one line on stderr, exit status 2."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _config_argument(argv) -> str:
+    """The raw --config value on the command line ('' when absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def _flag_error(exc: BaseException, argv) -> str:
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(chain[-1], KeyError) and any(a.startswith("--config.") for a in argv):
+        overrides = [a for a in argv if a.startswith("--config.")]
+        return (f"{' '.join(overrides)}: the config of --config={_config_argument(argv)} has no field "
+                f"{chain[-1].args[0]!r} (check the name after --config.)")
+    if any("Error whilst parsing config file" in str(e) for e in chain) or not isinstance(exc, flags.Error):
+        # The config file (or its get_config) raised: its own message, without ml_collections' traceback text.
+        return (f"--config={_config_argument(argv)}: {_one_line(chain[-1])} "
+                f"(fix the config file, or the variant after the colon)")
+    return f"{_one_line(exc)} (see --helpshort)"
+
+
+def parse_flags(argv):
+    """app.run's flag parser: a bad flag or a config file that fails to load is a UsageError, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as exc:  # flags.Error, and whatever a config file raises while it is loaded
+        _exit_usage(_flag_error(exc, argv))
+
+
+def _exit_usage(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config():
+    """The --config value; UsageError naming it when absent, missing or unloadable."""
     config = _CONFIG.value
     if config is None:
-        print("ERROR: --config is required, e.g. --config=configs/baseline.py", file=sys.stderr)
-        return 2
+        raise UsageError("--config is required, e.g. --config=configs/baseline.py")
+    filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]   # without the variant
+    if not os.path.isfile(filename):
+        raise UsageError(f"--config: no such config file {filename!r} (give the path of a config file, e.g. "
+                         f"--config=configs/baseline.py)")
+    try:
+        model = config.get("model", None)
+    except OSError as exc:  # ml_collections defers a failed load until the config is used
+        message = re.sub(r"^.*earlier failure to load: ", "", _one_line(exc))
+        raise UsageError(f"--config={filename}: cannot be loaded ({message})") from None
+    if model is None:
+        raise UsageError(f"--config={filename}: the config has no `model` section (give a training config such as "
+                         f"configs/baseline.py)")
+    return config
+
+
+def main(argv):
+    del argv
+    try:
+        config = load_config()
+    except UsageError as exc:
+        _exit_usage(str(exc))
     frames = _FRAMES.value or _data_default(config, "clip_length", 5)
     height = _HEIGHT.value or _data_default(config, "crop_size", 256)
     width = _WIDTH.value or _data_default(config, "crop_size", 256)
@@ -85,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

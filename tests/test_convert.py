@@ -1,4 +1,5 @@
 """Loading official VRT state_dicts: every key used once, every parameter filled, clear errors otherwise."""
+import ast
 import json
 import sys
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vrtspike_jax.convert import CheckpointError, load_official_vrt, read_state_dict
-from vrtspike_jax.models.vrt import VRT, small_fixture_config
+from vrtspike_jax.convert import (CheckpointError, load_official_vrt, load_state_dict_into, official_key_of_path,
+                                  official_key_to_path, read_state_dict)
+from vrtspike_jax.models.vrt import VRT, preset, small_fixture_config
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,9 @@ def test_missing_key_is_named(official, tmp_path):
     params, _, kwargs = official
     arrays = {k: v for k, v in params.items() if k != "stage3.pa_deform.conv_offset.4.bias"}
     path = save(tmp_path, "missing.npz", arrays)
-    with pytest.raises(CheckpointError, match=r"missing 1 parameter\(s\): stage3\.pa_deform\.conv_offset\.2\.bias"):
+    with pytest.raises(CheckpointError) as err:
         load_official_vrt(path, **kwargs)
+    assert str(err.value).splitlines()[-1].strip() == "missing 1 parameter(s): stage3.pa_deform.conv_offset.4.bias"
 
 
 def test_extra_key_is_named(official, tmp_path):
@@ -121,3 +124,92 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
 def test_unknown_official_kwarg_is_rejected(fixture_file):
     with pytest.raises(TypeError, match="unknown VRT constructor argument 'embed_dim'"):
         load_official_vrt(fixture_file("vrt_small_seed0.npz"), embed_dim=[16])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names in errors: every official key maps to one parameter of ours and back to exactly that key.
+
+def read_keys_tsv(path):
+    """[(key, shape, kind)] of a state_dict_keys_*.tsv fixture (columns key, shape, dtype, kind)."""
+    lines = path.read_text().splitlines()
+    assert lines[0].split("\t") == ["key", "shape", "dtype", "kind"]
+    rows = [line.split("\t") for line in lines[1:] if line]
+    return [(key, tuple(ast.literal_eval(shape)), kind) for key, shape, _, kind in rows]
+
+
+def param_shapes(model):
+    return {tuple(p): tuple(v.shape) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+
+@pytest.fixture(scope="module")
+def deblur_keys(fixture_file):
+    rows = read_keys_tsv(fixture_file("state_dict_keys_deblur.tsv"))
+    return {key: shape for key, shape, kind in rows if kind == "param"}
+
+
+@pytest.mark.parametrize("tsv, config", [("state_dict_keys_deblur.tsv", preset("deblur")),
+                                         ("state_dict_keys_small_fixture.tsv", small_fixture_config())],
+                         ids=["deblur", "small_fixture"])
+def test_every_official_key_maps_to_one_parameter_and_back(fixture_file, tsv, config):
+    rows = [(k, shape) for k, shape, kind in read_keys_tsv(fixture_file(tsv)) if kind == "param"]
+    ours = param_shapes(nnx.eval_shape(lambda: VRT(config, rngs=nnx.Rngs(0))))
+    seen = {}
+    for key, shape in rows:
+        mapped = official_key_to_path(key, config)
+        assert mapped is not None, key
+        path, transform = mapped
+        assert path in ours, (key, path)
+        assert path not in seen, (key, seen.get(path))
+        seen[path] = key
+        assert transform(np.zeros(shape, np.float32)).shape == ours[path], key
+        assert official_key_of_path(path, config) == key
+        assert official_key_of_path(".".join(map(str, path)), config) == key
+    assert set(seen) == set(ours)
+
+
+@pytest.mark.parametrize("name", ["deblur", "sr_reds", "small_fixture"])
+def test_every_parameter_of_ours_has_an_official_name_that_maps_back(name):
+    """Also the upsampler of the SR layout (upsample.0/5/10, conv_before_upsample.0), absent from deblur."""
+    config = preset(name)
+    ours = param_shapes(nnx.eval_shape(lambda: VRT(config, rngs=nnx.Rngs(0))))
+    names = {official_key_of_path(path, config): path for path in ours}
+    assert len(names) == len(ours)
+    for key, path in names.items():
+        assert official_key_to_path(key, config)[0] == path, key
+    if name == "sr_reds":
+        assert {"upsample.0.weight", "upsample.5.weight", "upsample.10.bias", "conv_before_upsample.0.weight"} <= set(names)
+
+
+@pytest.fixture(scope="module")
+def deblur_model():
+    return VRT(preset("deblur"), rngs=nnx.Rngs(0))
+
+
+def missing_names(model, params):
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_into(model, params, {}, source="deblur.npz")
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("deblur.npz: cannot load into VRT(")
+    (missing,) = [line.strip() for line in lines[1:] if line.strip().startswith("missing ")]
+    assert len(lines) == 2, lines  # nothing else is wrong
+    head, names = missing.split(": ", 1)
+    return head, names.split(", ")
+
+
+@pytest.mark.parametrize("key", ["stage3.pa_deform.conv_offset.4.bias", "stage3.pa_deform.conv_offset.6.weight",
+                                 "spynet.basic_module.2.basic_module.6.weight",
+                                 "spynet.basic_module.5.basic_module.8.bias"])
+def test_a_removed_key_is_named_exactly(deblur_model, deblur_keys, key):
+    params = {k: np.zeros(shape, np.float32) for k, shape in deblur_keys.items() if k != key}
+    assert missing_names(deblur_model, params) == ("missing 1 parameter(s)", [key])
+
+
+def test_every_removed_key_of_the_deblur_checkpoint_is_named_exactly(deblur_model, deblur_keys):
+    """All 1410 keys, removed 20 at a time (the most an error lists); neighbours go to different groups."""
+    keys = list(deblur_keys)
+    groups = -(-len(keys) // 20)
+    for g in range(groups):
+        removed = keys[g::groups]
+        assert 0 < len(removed) <= 20
+        params = {k: np.zeros(deblur_keys[k], np.float32) for k in keys if k not in set(removed)}
+        assert missing_names(deblur_model, params) == (f"missing {len(removed)} parameter(s)", sorted(removed))

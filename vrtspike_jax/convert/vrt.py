@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -45,6 +46,9 @@ def read_tensor_file(path) -> Dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if path.is_dir() or not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a readable .npz archive (it is not a zip file: truncated, or a file "
+                                  f"of another format renamed to .npz?)")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {key: np.asarray(archive[key]) for key in archive.files}
@@ -286,9 +290,9 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
             continue
         filled[path] = key
         target[...] = jnp.asarray(array, target[...].dtype)
-    missing = [".".join(map(str, p)) for p in ours if p not in filled]
+    missing = [p for p in ours if p not in filled]
     if missing:
-        official = [_path_to_official(p) for p in sorted(missing)]
+        official = sorted(official_key_of_path(p, model.config) for p in missing)
         problems.append(f"missing {len(missing)} parameter(s): " + ", ".join(official[:20]) +
                         (" ..." if len(official) > 20 else ""))
     for key, value in buffers.items():
@@ -319,24 +323,37 @@ def _official_shape(our_shape, fn):
     return our_shape
 
 
-def _path_to_official(path: str) -> str:
-    p = path.split(".")
-    out = []
-    i = 0
-    while i < len(p):
-        tok = p[i]
-        if tok == "stages":
-            out.append(f"stage{int(p[i + 1]) + 1}")
-            i += 2
-            continue
-        if tok == "stage8" and i + 1 < len(p) and p[i + 1].isdigit():
-            out.append(f"stage8.{int(p[i + 1]) + 1}")
-            i += 2
-            continue
-        out.append({"stage8_norm": "stage8.0.1", "stage8_linear": "stage8.0.2", "reshape_norm": "reshape.1",
-                    "reshape_linear": "reshape.2", "kernel": "weight", "scale": "weight"}.get(tok, tok))
-        i += 1
-    return ".".join(out)
+def official_key_of_path(path, config: VRTConfig) -> str:
+    """The official state_dict name of our parameter at `path` (a tuple as in `nnx.iter_graph`, or its dotted
+    string): the exact inverse of `official_key_to_path` (indices of Sequentials, SpyNet's and the DCN offset convs'
+    skipped activations, stage 8's numbering and the upsampler's layout are undone)."""
+    parts = [str(p) for p in (path.split(".") if isinstance(path, str) else path)]
+    *mod, leaf = parts
+    pname = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    if len(mod) == 5 and mod[:2] == ["spynet", "basic_module"] and mod[3] == "convs":
+        mod = ["spynet", "basic_module", mod[2], "basic_module", str(2 * int(mod[4]))]
+    elif mod == ["conv_before_upsample"]:
+        mod = ["conv_before_upsample", "0"]
+    elif mod[:1] == ["upsample"]:
+        n_convs = 1 if config.upscale == 3 else int(np.log2(config.upscale))
+        index = 5 * n_convs if mod[1:] == ["conv_out"] else 5 * int(mod[2])
+        mod = ["upsample", str(index)]
+    elif mod == ["stage8_norm"]:
+        mod = ["stage8", "0", "1"]
+    elif mod == ["stage8_linear"]:
+        mod = ["stage8", "0", "2"]
+    elif mod[:1] == ["stage8"]:
+        mod = ["stage8", str(int(mod[1]) + 1)] + mod[2:]
+    elif mod[:1] == ["stages"]:
+        rest = mod[2:]
+        if rest == ["reshape_norm"]:
+            rest = ["reshape", "1"]
+        elif rest == ["reshape_linear"]:
+            rest = ["reshape", "2"]
+        elif rest[:2] == ["pa_deform", "conv_offset"]:
+            rest = ["pa_deform", "conv_offset", str(2 * int(rest[2]))]
+        mod = [f"stage{int(mod[1]) + 1}"] + rest
+    return ".".join(mod + [pname])
 
 
 def _short(config: VRTConfig) -> str:
