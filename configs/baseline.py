@@ -61,7 +61,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.log_every_steps = 1
     config.optimizer.learning_rate = 1e-3
     config.data.embedded.update(dict(height=64, width=64, train_sequences=2, val_sequences=1, train_frames=4,
-                                     val_frames=3, subframes=8, blur_px=4.0))
+                                     val_frames=4, subframes=8, blur_px=4.0))
     config.data.num_bins = 4
     config.data.clip_length = 2
     config.data.crop_size = 64

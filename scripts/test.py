@@ -587,7 +587,10 @@ def _finite_or_none(value: float):
 
 
 def frame_metrics(restored_u8: np.ndarray, gt_u8: np.ndarray, blur_u8: Optional[np.ndarray]) -> Dict[str, Any]:
-    """PSNR/SSIM on RGB and Y of an 8-bit restored frame against its ground truth (KAIR/BasicSR conventions)."""
+    """PSNR/SSIM on RGB and Y of an 8-bit restored frame against its ground truth (KAIR/BasicSR conventions).
+
+    A frame equal to its ground truth has an infinite PSNR: JSON has no infinity, so the value is null and the
+    metric's name is listed under "infinite" (the averages then say how many frames they exclude)."""
     from vrtspike_jax import metrics
 
     out = {"psnr_rgb": metrics.psnr(restored_u8, gt_u8), "ssim_rgb": metrics.ssim(restored_u8, gt_u8),
@@ -596,7 +599,11 @@ def frame_metrics(restored_u8: np.ndarray, gt_u8: np.ndarray, blur_u8: Optional[
     if blur_u8 is not None and blur_u8.shape == gt_u8.shape:
         out["input_psnr_rgb"] = metrics.psnr(blur_u8, gt_u8)
         out["input_psnr_y"] = metrics.psnr(blur_u8, gt_u8, y_channel=True)
-    return {k: _finite_or_none(v) for k, v in out.items()}
+    infinite = sorted(k for k, v in out.items() if math.isinf(float(v)))
+    result: Dict[str, Any] = {k: _finite_or_none(v) for k, v in out.items()}
+    if infinite:
+        result["infinite"] = infinite
+    return result
 
 
 def _cpu_seconds() -> float:
@@ -676,11 +683,16 @@ class _Writer:
 
 
 def _average(per_frame: List[Dict[str, Any]]) -> Dict[str, Any]:
-    keys = sorted({k for row in per_frame for k in row if k != "name"})
-    out = {}
+    """Mean of each metric over the frames where it is finite; frames with an infinite PSNR (restored exactly)
+    are not averaged but counted: `<metric>_infinite_frames` lists them by name."""
+    keys = sorted({k for row in per_frame for k in row if k not in ("name", "infinite")})
+    out: Dict[str, Any] = {}
     for key in keys:
         values = [row[key] for row in per_frame if row.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
+        infinite = [row["name"] for row in per_frame if key in row.get("infinite", ())]
+        if infinite:
+            out[f"{key}_infinite_frames"] = infinite
     return out
 
 
@@ -690,7 +702,7 @@ def _average(per_frame: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 @dataclasses.dataclass
 class Prepared:
-    """Everything checked and ready before any compute."""
+    """Everything checked and ready before any compute (`warnings` are printed before the run starts)."""
 
     loaded: LoadedModel
     names: List[str]
@@ -704,13 +716,43 @@ class Prepared:
     tile: TileSpec
     plan: inference.TilePlan
     notes: List[str]
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
 
-def _tile_from(args) -> TileSpec:
-    tile = args.tile if args.tile is not None else DEFAULT_TILE
-    overlap = args.tile_overlap if args.tile_overlap is not None else DEFAULT_TILE_OVERLAP
+def trained_clip_length(loaded: LoadedModel) -> Optional[int]:
+    """T, the frames per clip the checkpoint's model was trained on (its config's data.clip_length), or None."""
+    value = _config_get(loaded.config, "data", "clip_length")
+    return int(value) if value else None
+
+
+def _tile_from(args, loaded: LoadedModel, notes: List[str], warnings: List[str]) -> TileSpec:
+    """The tiles of the run. A training checkpoint is restored by default in temporal chunks of its training clip
+    length T without temporal overlap: its temporal attention (and the spike branch's, over the whole chunk) then
+    sees the context it was trained with, and the frames equal training's validation of the same sequence when T
+    divides its length (docs/INFERENCE.md). Official weights keep VRT's test setting (DEFAULT_TILE)."""
+    trained = trained_clip_length(loaded)
+    tile = list(args.tile if args.tile is not None else DEFAULT_TILE)
+    overlap = list(args.tile_overlap if args.tile_overlap is not None else DEFAULT_TILE_OVERLAP)
+    if trained and args.tile is None:
+        tile[0] = trained
+        if args.tile_overlap is None:
+            overlap[0] = 0
+        notes.append(f"temporal chunks of {trained} frames: the clip length T={trained} this checkpoint was trained "
+                     "with (--tile sets another)")
+    elif trained and (tile[0] == 0 or tile[0] > trained):
+        chunk = "the whole clip" if tile[0] == 0 else f"{tile[0]}-frame chunks"
+        warnings.append(f"--tile {tile[0]}: {chunk} are longer than the {trained}-frame clips this model was trained "
+                        "with; its temporal attention then sees a context it never saw in training, which can cost "
+                        f"PSNR (docs/INFERENCE.md section 2); the default is --tile {trained} {tile[1]}")
     return TileSpec(temporal=tile[0], temporal_overlap=overlap[0] if tile[0] else 0,
                     spatial=tile[1], spatial_overlap=overlap[1] if tile[1] else 0)
+
+
+def _frame_number_gaps(names: Sequence[str]) -> List[str]:
+    """'a -> b' for each place where numbered frame names (e.g. 000012) skip numbers."""
+    if len(names) < 2 or not all(n.isdigit() for n in names):
+        return []
+    return [f"{a} -> {b}" for a, b in zip(names, names[1:]) if int(b) != int(a) + 1]
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -748,8 +790,14 @@ def prepare(args: argparse.Namespace) -> Prepared:
     spikes, spike_info = build_spike_source(args, loaded, names, blur_dir, height, width)
     if spike_info.get("note"):
         notes.append(spike_info["note"])
+    warnings: List[str] = []
+    gaps = _frame_number_gaps(names)
+    if gaps:
+        warnings.append(f"{blur_dir}: the frame numbers skip ({', '.join(gaps[:3])}{' ...' if len(gaps) > 3 else ''}): "
+                        "the frames are restored as one clip, so chunks span the gap; restore each run of "
+                        "consecutive frames as its own folder to keep the model's context in time")
     try:
-        tile = _tile_from(args)
+        tile = _tile_from(args, loaded, notes, warnings)
         plan = inference.plan_tiles(len(names), height, width, tile, spike_info.get("spike_scale", 1))
     except ValueError as err:
         raise InputError(f"tiling of {blur_dir} ({len(names)} frames of {height}x{width}): {err}") from None
@@ -758,7 +806,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if spikes is not None:
         spikes.cache_frames = cache
     return Prepared(loaded, names, blur_paths, height, width, frames, spikes, spike_info, gt_paths, tile, plan,
-                    notes)
+                    notes, warnings)
 
 
 def _device_description() -> Dict[str, Any]:
@@ -840,7 +888,9 @@ def run(args: argparse.Namespace, prep: Prepared, staging: Path, apply_fn: infer
                   "gt": None if args.gt is None else str(Path(args.gt))},
         "tile": prep.tile.to_dict(),
         "tiling": plan.describe(),
+        "trained_clip_length": trained_clip_length(prep.loaded),
         "notes": prep.notes,
+        "warnings": prep.warnings,
     }
     if args.estimate_tiles:
         report["estimate"] = estimate(apply_fn, prep, args.estimate_tiles)
@@ -887,7 +937,15 @@ def run(args: argparse.Namespace, prep: Prepared, staging: Path, apply_fn: infer
     report["outputs"] = [f"{n}.png" for n in prep.names]
     if prep.gt_paths is not None:
         per_frame = [{"name": f"{n}.png", **writer.results[t]} for t, n in enumerate(prep.names)]
-        report["metrics"] = {"per_frame": per_frame, "average": _average(per_frame),
+        average = _average(per_frame)
+        for key in [k for k in average if k.endswith("_infinite_frames")]:
+            frames = average[key]
+            metric = key[:-len("_infinite_frames")]
+            report["notes"].append(f"{metric}: {len(frames)} frame(s) equal their ground truth (infinite PSNR: "
+                                   f"{', '.join(frames[:3])}{' ...' if len(frames) > 3 else ''}); the average is over "
+                                   f"the other {len(per_frame) - len(frames)}")
+            print(f"note: {report['notes'][-1]}", file=sys.stderr)
+        report["metrics"] = {"per_frame": per_frame, "average": average,
                              "conventions": "KAIR/BasicSR: 8-bit restored frames, PSNR over all pixels and "
                                             "channels, SSIM with an 11x11 Gaussian window (sigma 1.5), Y = BT.601 "
                                             "luma (16-235), crop_border 0"}
@@ -953,6 +1011,8 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     for note in prep.notes:
         print(f"note: {note}", file=sys.stderr)
+    for warning in prep.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         apply_fn, compile_seconds = compile_model(args, prep)
     except (InputError, ValueError) as err:

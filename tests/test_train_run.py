@@ -53,7 +53,11 @@ def test_end_to_end_run_leaves_every_artefact(reference_run):
     report = json.loads(reports[-1].read_text())
     for key in ("psnr", "psnr_y", "ssim", "ssim_y", "input_psnr", "input_psnr_y", "input_ssim_y"):
         assert np.isfinite(report[key]), key
-    assert report["num_frames"] == 3  # every validation frame once (3 frames, clips of 2)
+    # what the splits leave out is counted in the run's metrics (tiny: 2 x 4 train frames, 4 val frames, T = 2)
+    assert report["data"]["train"] == {"excluded_runs": 0, "excluded_frames": 0, "window_breaks": 0,
+                                       "prepare_problems": 0, "num_frames": 8, "num_clips": 6}
+    assert report["data"]["val"]["num_frames"] == 4 and report["data"]["val"]["excluded_runs"] == 0
+    assert report["num_frames"] == 4  # every validation frame once (4 frames, clips of 2)
     # triptychs: blur | restored | sharp, 64x64 frames side by side
     from PIL import Image
     pngs = sorted((workdir / "triptychs").glob("step_0000006_*.png"))
@@ -86,6 +90,33 @@ def test_load_model_from_checkpoint_of_a_run(reference_run):
     kept = next(p for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit())
     assert json.loads((kept / "metrics" / "metrics").read_text())["psnr"] == pytest.approx(best_step)
     assert nnx.graphdef(best) == nnx.graphdef(model)
+
+
+def test_restorer_defaults_reproduce_the_training_validation(reference_run, shared, tmp_path, capsys):
+    """scripts/test.py with its default flags, on the validation sequence, gives the PSNR that training's validation
+    measured for the `best` checkpoint: the restorer gives the model its training clip length (T = 2) as temporal
+    context, and says so. Longer chunks are a one-line warning."""
+    from test_test_script import load_script
+
+    workdir, _ = reference_run
+    script = load_script()
+    root = next(Path(shared["embedded"]).glob("embedded-*"))
+    seq = next((root / "val").iterdir())
+    best_step = int(next(p.name for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()))
+    validation = json.loads((workdir / "metrics" / f"val_step_{best_step:07d}.json").read_text())
+    inputs = ["--checkpoint", str(workdir), "--input_blur", str(seq / "blur"), "--input_spike_vox",
+              str(seq / "spike_vox"), "--gt", str(seq / "sharp"), "--noprogress"]
+    assert script.main(inputs + ["--output", str(tmp_path / "default")]) == 0
+    report = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert report["tile"]["temporal"] == 2 and report["tile"]["temporal_overlap"] == 0
+    assert report["trained_clip_length"] == 2 and report["warnings"] == []
+    assert validation["num_frames"] == len(report["metrics"]["per_frame"]) == 4
+    assert report["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
+    assert report["metrics"]["average"]["psnr_y"] == pytest.approx(validation["psnr_y"], abs=1e-3)
+    assert "the clip length T=2 this checkpoint was trained with" in capsys.readouterr().err
+    assert script.main(inputs + ["--output", str(tmp_path / "long"), "--tile", "4", "256"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "longer than the 2-frame clips this model was trained with" in warnings[0]
 
 
 def test_kill_9_then_resume_gives_the_same_losses_step_by_step(reference_run, shared, tmp_path):
@@ -211,6 +242,6 @@ def test_two_processes_match_one_process_write_their_parts_and_resume(reference_
         np.testing.assert_allclose(losses, [reference[step]] * len(losses), rtol=1e-6, err_msg=f"step {step}")
     pair = json.loads((workdir / "metrics" / f"val_step_{TOTAL:07d}.json").read_text())
     single = json.loads((reference_dir / "metrics" / f"val_step_{TOTAL:07d}.json").read_text())
-    assert pair["num_frames"] == single["num_frames"] == 3 and pair["process_count"] == 2
+    assert pair["num_frames"] == single["num_frames"] == 4 and pair["process_count"] == 2
     assert pair["psnr"] == pytest.approx(single["psnr"], abs=1e-4)
     assert pair["ssim_y"] == pytest.approx(single["ssim_y"], abs=1e-6)

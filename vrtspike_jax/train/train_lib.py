@@ -456,6 +456,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                                     process_count=process_count)
     logging.info("data: %s (%d training clips, %d validation clips on this process)", train_iter.root,
                  train_iter.num_samples, len(eval_iter))
+    # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
+    data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
+    logging.info("data exclusions: %s", data_counts)
 
     if latest is not None:
         last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
@@ -483,7 +486,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
 
     if is_main:
         record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
-                                  extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape)})
+                                  extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape),
+                                         "data": data_counts})
         logging.info("run record: %s", record)
 
     def data_position(steps_done: int) -> Dict[str, Any]:
@@ -559,7 +563,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         if is_main:
             path = validation.write_metrics_json(workdir, steps_done, result, {
                 "seconds": seconds, "tile": tile.to_dict(), "quantize": bool(config.eval.quantize),
-                "crop_border": int(config.eval.crop_border), "process_count": process_count,
+                "crop_border": int(config.eval.crop_border), "process_count": process_count, "data": data_counts,
                 "conventions": "KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM "
                                "11x11 Gaussian sigma 1.5, valid, population variance; mean over frames"})
             logging.info("validation at step %d (%.1f s): PSNR %.3f dB (input %.3f), PSNR-Y %.3f, SSIM-Y %.4f -> %s",
