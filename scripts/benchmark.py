@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from vrtspike_jax import cli  # noqa: E402
 from vrtspike_jax.models.vrt import preset  # noqa: E402
 from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig, part_parameter_counts  # noqa: E402
 
@@ -163,8 +164,34 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
                 device_peak_bytes=_device_peak_bytes())
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Bad flags end the run before anything is built: one line naming the flag and its value, exit status 2."""
+    from vrtspike_jax.models.vrt.config import check_input_shape
+
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("forward", "train")]
+    if unknown or not modes:
+        parser.error(f"--mode {args.mode!r}: expected a comma list of forward, train")
+    for name in ("batch", "spike_bins"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("runs", "warmup", "remat_stages", "attention_chunk_windows", "alignment_chunk"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.runs == 0 and args.warmup > 0:
+        parser.error("--runs 0 compiles only: give --warmup 0 as well")
+    try:
+        check_input_shape((args.batch, args.frames, args.height, args.width, 3))
+    except ValueError as err:
+        parser.error(f"--frames {args.frames} --height {args.height} --width {args.width}: {err}")
+    spike_scale = MODELS[args.model][2].get("spike_scale", 1)
+    if args.height % spike_scale or args.width % spike_scale:
+        parser.error(f"--height {args.height} --width {args.width}: model {args.model} has spike_scale "
+                     f"{spike_scale}, which must divide both")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deblur", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=6)
@@ -190,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     args.scan_blocks = bool(args.scan_blocks)
     jax.config.update("jax_default_matmul_precision", args.precision)
 

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from vrtspike_jax.convert import CheckpointError, read_tensor_file
-from vrtspike_jax.convert.cli import UsageError, exit_with_error, require_input_file, write_npz_atomically
+from vrtspike_jax.cli import UsageError, exit_with_error, require_input_file, write_npz_atomically
 from vrtspike_jax.metrics import LPIPS, load_lpips_state, lpips_state_keys
 
 # torchvision alexnet `features.N` -> lpips `net.sliceK.N`

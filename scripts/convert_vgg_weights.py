@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vrtspike_jax.convert import CheckpointError, read_tensor_file
-from vrtspike_jax.convert.cli import UsageError, exit_with_error, require_input_file, write_npz_atomically
+from vrtspike_jax.cli import UsageError, exit_with_error, require_input_file, write_npz_atomically
 from vrtspike_jax.losses import vgg_layer_indices, vgg_params_from_state
 
 

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from vrtspike_jax.convert import CheckpointError, load_official_weights_into  # noqa: E402
-from vrtspike_jax.convert.cli import UsageError, exit_with_error, summarize_problems  # noqa: E402
+from vrtspike_jax.cli import UsageError, exit_with_error, summarize_problems  # noqa: E402
 from vrtspike_jax.models import build_model, model_config_from_dict  # noqa: E402
 from vrtspike_jax.models.vrt import PRESETS, config_from_official_kwargs  # noqa: E402
 

@@ -48,7 +48,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import numpy as np  # noqa: E402
 
-from vrtspike_jax import inference  # noqa: E402
+from vrtspike_jax import cli, inference  # noqa: E402
 from vrtspike_jax.inference import TileSpec  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -66,7 +66,7 @@ class InputError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", required=True,

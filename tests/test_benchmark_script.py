@@ -41,3 +41,20 @@ def test_compile_only_mode(bench_script, tmp_path):
     (forward,) = json.loads(out.read_text())["results"]
     assert forward["times_s"] == [] and forward["median_s"] is None and forward["peak_rss_run_bytes"] is None
     assert forward["compile_s"] > 0 and forward["flops"] > 1e8
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--height", "60"], "--height 60 --width 64: VRT needs frame height and width that are multiples of 8"),
+    (["--frames", "1"], "VRT needs at least 2 frames"),
+    (["--mode", "fwd"], "--mode 'fwd': expected a comma list of forward, train"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--runs", "0"], "--runs 0 compiles only: give --warmup 0 as well"),
+    (["--model", "nope"], "invalid choice: 'nope'"),
+])
+def test_bad_flags_are_one_line_errors_before_anything_is_built(bench_script, capsys, monkeypatch, flags, fragment):
+    monkeypatch.setattr(bench_script, "build", lambda args: pytest.fail("built a model for bad flags"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench_script.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: benchmark.py: ") and fragment in err[0], err

@@ -427,3 +427,43 @@ def test_a_window_that_does_not_fit_in_memory_is_refused_before_compute(script, 
     assert "one 3x64x64 window of this model needs" in err and "0.0 GiB are available RAM" in err
     assert "--tile 2 64" in err  # a 64 px tile cannot shrink: fewer frames per chunk
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reported, not dropped
+
+
+def test_frames_equal_to_their_ground_truth_are_reported_as_infinite_psnr(script, dat_run, dataset, checkpoint,
+                                                                        tmp_path, capsys):
+    """Ground truth = the restored PNGs, except one changed pixel in the last two frames: the first frame's PSNR is
+    infinite; it is listed by name and left out of the average (which says so), not silently dropped."""
+    code, out = dat_run
+    assert code == 0
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in NAMES:
+        image = read_png(out / f"{name}.png").copy()
+        if name != NAMES[0]:
+            image[0, 0, 0] ^= 1
+        save_png(gt / f"{name}.png", image)
+    capsys.readouterr()
+    assert run_script(script, *spike_args(dataset, checkpoint, tmp_path / "again"), "--gt", gt) == 0
+    report = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    rows = report["metrics"]["per_frame"]
+    assert rows[0]["psnr_rgb"] is None and {"psnr_rgb", "psnr_y"} <= set(rows[0]["infinite"])
+    assert all("infinite" not in row for row in rows[1:])
+    average = report["metrics"]["average"]
+    assert average["psnr_rgb_infinite_frames"] == [f"{NAMES[0]}.png"]
+    assert average["psnr_rgb"] == pytest.approx(np.mean([r["psnr_rgb"] for r in rows[1:]]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "infinite PSNR" in line]
+    assert any(line.startswith("note: psnr_rgb: 1 frame(s)") and "the other 2" in line for line in notes), notes
+
+
+def test_a_gap_in_the_frame_numbers_is_a_warning(script, dataset, checkpoint, tmp_path):
+    root = copy_clip(dataset, tmp_path)
+    for folder, suffix in (("blur", ".png"), ("spike_vox", ".npy")):
+        (root / "val/clip" / folder / f"000002{suffix}").rename(root / "val/clip" / folder / f"000004{suffix}")
+    args = script.parse_args([str(a) for a in spike_args(root, checkpoint, tmp_path / "out", "vox")])
+    prep = script.prepare(args)
+    assert len(prep.warnings) == 1 and "000001 -> 000004" in prep.warnings[0], prep.warnings
+    assert not (tmp_path / "out").exists()

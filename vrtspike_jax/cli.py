@@ -1,4 +1,5 @@
-"""What the conversion scripts share: user errors as one line on stderr (exit status 2), atomic `.npz` outputs.
+"""What the command-line scripts share: user errors as one line on stderr (exit status 2), an argparse parser
+whose flag errors are one line too, atomic `.npz` outputs.
 
 A user error (a missing or unreadable input, a file of the wrong kind, missing / extra / mis-shaped keys, a bad
 option value) is raised as `UsageError` (or a `CheckpointError` / `ValueError` the script turns into one) and
@@ -8,6 +9,7 @@ a failed run leaves no partial file behind (and an existing file is untouched).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -43,6 +45,14 @@ def exit_with_error(message) -> NoReturn:
     """Prints `error: message` as one line on stderr and exits with status 2."""
     print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line `error: <prog>: <message>` on stderr and exit status 2 (no usage
+    block: `--help` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(f"{self.prog}: {message} (see --help)")
 
 
 def require_input_file(path, option: str) -> Path:
