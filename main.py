@@ -1,10 +1,11 @@
 r"""Train and evaluate VRT + spike deblurring.
 
-    python main.py --config=configs/baseline.py --workdir=runs/baseline
+    python main.py --config=configs/baseline.py --workdir=runs/baseline \
+        --config.loss.vgg_weights=weights/vgg16_features.npz    # from scripts/convert_vgg_weights.py
     python main.py --config=configs/baseline.py:quick --workdir=runs/quick              # a first try, CPU
     python main.py --config=configs/baseline.py:quick,vrt_only --workdir=runs/quick_vrt
     python main.py --config=configs/baseline.py --workdir=runs/x4k --config.data.root=/data/x4k_ours \
-        --config.loss.vgg_weights=/weights/vgg16.npz --config.total_steps=100000
+        --config.data.spike_scale=2 --config.loss.vgg_weights=weights/vgg16_features.npz --config.total_steps=100000
 
 Rerunning the same command on the same workdir resumes from its last checkpoint (a larger
 --config.total_steps continues training). Multi-host (TPU pods, several GPU hosts): run the same command on

@@ -1,9 +1,14 @@
 r"""The baseline: VRT (official deblurring layout) + spike branch, trained with the original's recipe.
 
-    python main.py --config=configs/baseline.py --workdir=runs/baseline              # embedded data (a GPU run)
+    python scripts/convert_vgg_weights.py --input vgg16-397923af.pth --output weights/vgg16_features.npz  # once
+    python main.py --config=configs/baseline.py --workdir=runs/baseline \
+        --config.loss.vgg_weights=weights/vgg16_features.npz                          # embedded data (a GPU run)
     python main.py --config=configs/baseline.py --workdir=runs/x4k --config.data.root=/data/x4k_ours \
-        --config.loss.vgg_weights=/weights/vgg16_features.npz --config.model.init_vrt_from=/weights/006_VRT.npz
+        --config.data.spike_scale=2 --config.loss.vgg_weights=weights/vgg16_features.npz \
+        --config.model.init_vrt_from=weights/006_VRT.npz
     python main.py --config=configs/baseline.py:quick --workdir=runs/quick           # a first try on a laptop
+
+The defaults (every key a config may set) are in vrtspike_jax/train/defaults.py; a misspelt key is an error.
 
 Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quick,vrt_only`):
   quick     a small VRT+Spike (same architecture, fewer blocks and channels) on the embedded dataset at 64x64

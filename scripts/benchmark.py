@@ -1,4 +1,4 @@
-"""Speed and memory of the models: forward and train step, compile time, peak memory, FLOPs, FLOP/s (and MFU).
+r"""Speed and memory of the models: forward and train step, compile time, peak memory, FLOPs, FLOP/s (and MFU).
 
     python scripts/benchmark.py --model deblur --frames 6 --height 64 --width 64 --mode forward,train
     python scripts/benchmark.py --model deblur_spike --frames 5 --height 256 --width 256 --dtype bfloat16 \

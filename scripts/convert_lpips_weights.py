@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the LPIPS-alex weights `.npz` that `vrtspike_jax.metrics.load_lpips` reads (no downloads).
+r"""Build the LPIPS-alex weights `.npz` that `vrtspike_jax.metrics.load_lpips` reads (no downloads).
 
 LPIPS-alex = torchvision's ImageNet AlexNet features + the `lpips` package's linear heads
 (`lpips/weights/v0.1/alex.pth`). Either give the two files:

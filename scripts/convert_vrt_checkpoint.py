@@ -1,4 +1,4 @@
-"""Converts an official PyTorch VRT checkpoint into an Orbax checkpoint that the rest of the project restores.
+r"""Converts an official PyTorch VRT checkpoint into an Orbax checkpoint that the rest of the project restores.
 
     python scripts/convert_vrt_checkpoint.py --input 006_VRT_videodeblurring_GoPro.pth --preset deblur \
         --output checkpoints/vrt_gopro

@@ -98,9 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     t = p.add_argument_group("tiling (VRT's test script: --tile frames size --tile_overlap frames pixels)")
     t.add_argument("--tile", type=int, nargs="+", default=None, metavar="N",
                    help=f"frames per chunk and tile size in pixels (0 = whole); 3 values (D H W) are accepted "
-                        f"with H == W (default {DEFAULT_TILE[0]} {DEFAULT_TILE[1]})")
+                        f"with H == W (default: a training checkpoint's clip length T and {DEFAULT_TILE[1]}; "
+                        f"{DEFAULT_TILE[0]} {DEFAULT_TILE[1]} for official VRT weights)")
     t.add_argument("--tile_overlap", type=int, nargs="+", default=None, metavar="N",
-                   help=f"overlap in frames and pixels (default {DEFAULT_TILE_OVERLAP[0]} {DEFAULT_TILE_OVERLAP[1]})")
+                   help=f"overlap in frames and pixels (default: 0 {DEFAULT_TILE_OVERLAP[1]} for a training checkpoint, "
+                        f"{DEFAULT_TILE_OVERLAP[0]} {DEFAULT_TILE_OVERLAP[1]} for official VRT weights)")
     r = p.add_argument_group("run")
     r.add_argument("--attention_chunk_windows", type=int, default=0, metavar="N",
                    help="run attention over chunks of N windows (less memory per tile, same result)")
@@ -740,10 +742,10 @@ def _tile_from(args, loaded: LoadedModel, notes: List[str], warnings: List[str])
         notes.append(f"temporal chunks of {trained} frames: the clip length T={trained} this checkpoint was trained "
                      "with (--tile sets another)")
     elif trained and (tile[0] == 0 or tile[0] > trained):
-        chunk = "the whole clip" if tile[0] == 0 else f"{tile[0]}-frame chunks"
-        warnings.append(f"--tile {tile[0]}: {chunk} are longer than the {trained}-frame clips this model was trained "
+        chunk = "one chunk of the whole clip is" if tile[0] == 0 else f"{tile[0]}-frame chunks are"
+        warnings.append(f"--tile {tile[0]}: {chunk} longer than the {trained}-frame clips this model was trained "
                         "with; its temporal attention then sees a context it never saw in training, which can cost "
-                        f"PSNR (docs/INFERENCE.md section 2); the default is --tile {trained} {tile[1]}")
+                        f"PSNR (docs/INFERENCE.md section 3); the default is --tile {trained} {tile[1]}")
     return TileSpec(temporal=tile[0], temporal_overlap=overlap[0] if tile[0] else 0,
                     spatial=tile[1], spatial_overlap=overlap[1] if tile[1] else 0)
 

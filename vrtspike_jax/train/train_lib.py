@@ -98,6 +98,28 @@ def enable_compilation_cache(config) -> None:
         jax.config.update("jax_compilation_cache_dir", folder)
 
 
+@contextlib.contextmanager
+def progress_while(what: str, every_seconds: float = 30.0):
+    """Logs `<what>: N s so far` every `every_seconds` until the block ends (compiling the train step takes minutes on
+    a CPU and shows nothing otherwise)."""
+    import threading
+
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def report():
+        while not done.wait(every_seconds):
+            logging.info("%s: %.0f s so far", what, time.perf_counter() - start)
+
+    thread = threading.Thread(target=report, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping then AdamW (decoupled weight decay on every parameter) with linear warm-up from 0 to
     `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at `optimizer.schedule_steps`
@@ -255,9 +277,10 @@ class TrainSetup:
         abstract_batch = {k: jax.ShapeDtypeStruct(tuple(batch_shapes[k]), jnp.float32, sharding=shardings[k])
                           for k in self.keys}
         start = time.perf_counter()
-        lowered = self.jit_step().lower(params, train_state, abstract_batch, self.vgg_params)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
+        with progress_while("compiling the train step"):
+            lowered = self.jit_step().lower(params, train_state, abstract_batch, self.vgg_params)
+            lowered_at = time.perf_counter()
+            compiled = lowered.compile()
         logging.info("train step: traced and lowered in %.1f s, compiled in %.1f s", lowered_at - start,
                      time.perf_counter() - lowered_at)
         return compiled, time.perf_counter() - start, _memory_summary(compiled)
