@@ -108,6 +108,9 @@ def main(argv=None) -> int:
         log=problem)
     for note in result.notes:
         problem(f"note: {note}")
+    if result.fatal and not args.check_only:   # the problem line(s) above say why
+        print(f"error: nothing prepared in {root} ({prepare.summary_line(result)})", file=sys.stderr)
+        return max(exit_code, result.exit_code)
     verb = "checked" if args.check_only else "prepared"
     print(f"{verb} {root} in {result.seconds:.1f} s: {prepare.summary_line(result)}")
     exit_code = max(exit_code, result.exit_code)
