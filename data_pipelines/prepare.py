@@ -506,7 +506,8 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
             atomic_write_json(root / layout.PREPARED_JSON, {
                 "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "num_bins": options.num_bins,
                 "spike_scale": info.spike_scale, "voxel_dtype": dtype, "tick_rate_hz": info.tick_rate_hz,
-                "source_layout": info.source_layout, "shared_clock": bool(info.shared_clock), "splits": index,
+                "source_layout": info.source_layout, "shared_clock": bool(info.shared_clock),
+                "converter_version": info.converter_version, "splits": index,
                 "num_problems": len(problems),
             }, compact=True)
     result.seconds = time.time() - start
@@ -531,6 +532,10 @@ def summary_line(result: PrepareResult) -> str:
 # ------------------------------------------------------------------------------------------- reading
 
 
+# Source layouts whose earlier conversions (no converter_version) put the official test split into val.
+GOPRO_LAYOUTS = ("spk_gopro_ssdm", "spk_gopro_spkdeblurnet")
+
+
 def read_prepared(root, num_bins: Optional[int] = None, spike_scale: Optional[int] = None) -> dict:
     """Reads ROOT/prepared.json and checks it against the config. Raises DataError with the fix in the message."""
     path = Path(root) / layout.PREPARED_JSON
@@ -544,6 +549,11 @@ def read_prepared(root, num_bins: Optional[int] = None, spike_scale: Optional[in
     if prepared.get("format") != PREPARED_FORMAT or prepared.get("version") != PREPARED_VERSION:
         raise DataError(path, f"expected format {PREPARED_FORMAT} v{PREPARED_VERSION}, found "
                               f"{prepared.get('format')} v{prepared.get('version')}: rerun prepare_data", "bad_manifest")
+    if prepared.get("source_layout") in GOPRO_LAYOUTS and not prepared.get("converter_version"):
+        raise DataError(path, f"converted from {prepared['source_layout']} by a converter before version 2, which stored "
+                              "GoPro's test split as val (so `best` was selected on the test set) and renumbered frames "
+                              "across gaps: convert the source again into an empty --root (scripts/prepare_data.py "
+                              "--convert_from ...)", "bad_manifest")
     if num_bins is not None and prepared["num_bins"] != int(num_bins):
         raise DataError(path, f"prepared with num_bins={prepared['num_bins']}, the config asks for {num_bins}: rerun "
                               f"`prepare_data.py --root {root} --num_bins {num_bins}`", "config")

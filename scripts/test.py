@@ -735,10 +735,10 @@ def _tile_from(args, loaded: LoadedModel, notes: List[str], warnings: List[str])
     trained = trained_clip_length(loaded)
     tile = list(args.tile if args.tile is not None else DEFAULT_TILE)
     overlap = list(args.tile_overlap if args.tile_overlap is not None else DEFAULT_TILE_OVERLAP)
+    if trained and args.tile_overlap is None:
+        overlap[0] = 0   # chunks side by side, as validation's clips (also for an explicit --tile)
     if trained and args.tile is None:
         tile[0] = trained
-        if args.tile_overlap is None:
-            overlap[0] = 0
         notes.append(f"temporal chunks of {trained} frames: the clip length T={trained} this checkpoint was trained "
                      "with (--tile sets another)")
     elif trained and (tile[0] == 0 or tile[0] > trained):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import layout, prepare, spike_dat, voxelize
+from data_pipelines.errors import DataError
 from data_pipelines.testing import make_tiny_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,3 +266,18 @@ def test_test_split_is_prepared_but_never_in_the_statistics(clean_root, tmp_path
     missing = prepare.prepare_root(prepare.PrepareOptions(root=reference, progress=False), log=lambda s: None)
     assert ("missing_folder", str(reference / "val")) in [(p.kind, p.path) for p in missing.problems]
     assert not any("test" in p.reason for p in missing.problems)
+
+
+@pytest.mark.parametrize("source_layout", ["spk_gopro_ssdm", "spk_gopro_spkdeblurnet"])
+def test_a_gopro_root_from_the_old_converter_is_refused(tmp_path, source_layout):
+    """Before converter version 2, GoPro's test split was stored as val: training on such a root would select
+    `best` on the test set. read_prepared (every training and evaluation start) refuses it, naming the fix."""
+    manifest = {"format": prepare.PREPARED_FORMAT, "version": prepare.PREPARED_VERSION, "num_bins": 4,
+                "spike_scale": 1, "voxel_dtype": "uint8", "tick_rate_hz": 20000.0, "source_layout": source_layout,
+                "shared_clock": True, "splits": {"train": [], "val": []}, "num_problems": 0}
+    (tmp_path / "prepared.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="before version 2.*convert the source again"):
+        prepare.read_prepared(tmp_path)
+    manifest["converter_version"] = 2
+    (tmp_path / "prepared.json").write_text(json.dumps(manifest))
+    assert prepare.read_prepared(tmp_path)["converter_version"] == 2

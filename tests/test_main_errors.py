@@ -153,3 +153,26 @@ def test_bad_initial_vrt_weights(tmp_path, embedded):
     expect_error(run(tmp_path / "w", "tiny", f"--config.model.init_vrt_from={weights}",
                      f"--config.data.embedded_dir={embedded}"), str(weights))
     assert not (tmp_path / "w" / "run_records").exists()
+
+
+def test_damaged_checkpoint_config_names_the_step_folder(tmp_path, embedded):
+    _fake_run(tmp_path / "w")
+    (tmp_path / "w" / "checkpoints" / "last" / "2" / "config" / "metadata").write_text("{damaged")
+    expect_error(run(tmp_path / "w", "tiny", f"--config.data.embedded_dir={embedded}"),
+                 str(tmp_path / "w" / "checkpoints" / "last" / "2"), "cannot read the run config", "--workdir")
+
+
+def test_bad_model_dtype(tmp_path):
+    expect_error(run(tmp_path / "w", "tiny", "--config.model.dtype=float32x"), "model: dtype='float32x'")
+
+
+def test_start_up_checks_leave_the_backend_to_jax_distributed():
+    """preflight runs before jax.distributed.initialize (main.py), which fails once anything started the backend."""
+    code = ("from configs import baseline\nfrom jax._src import xla_bridge\n"
+            "from vrtspike_jax.train import preflight\n"
+            "config = baseline.get_config('tiny')\npreflight.preflight(config)\n"
+            "assert config.model.dtype == 'auto'\n"
+            "assert not xla_bridge.backends_are_initialized(), 'preflight started the XLA backend'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=testing.REPO_ROOT, capture_output=True, text=True,
+                            timeout=300, env=testing.subprocess_env())
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -114,6 +114,11 @@ def test_restorer_defaults_reproduce_the_training_validation(reference_run, shar
     assert report["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
     assert report["metrics"]["average"]["psnr_y"] == pytest.approx(validation["psnr_y"], abs=1e-3)
     assert "the clip length T=2 this checkpoint was trained with" in capsys.readouterr().err
+    # an explicit --tile (e.g. smaller spatial tiles for memory) keeps the chunks side by side, as validation
+    assert script.main(inputs + ["--output", str(tmp_path / "explicit"), "--tile", "2", "128"]) == 0
+    explicit = json.loads((tmp_path / "explicit" / "metrics.json").read_text())
+    assert explicit["tile"]["temporal_overlap"] == 0
+    assert explicit["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
     assert script.main(inputs + ["--output", str(tmp_path / "long"), "--tile", "4", "256"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "longer than the 2-frame clips this model was trained with" in warnings[0]

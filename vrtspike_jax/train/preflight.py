@@ -131,13 +131,30 @@ def check_data_root(config) -> None:
 
 
 def check_model(config) -> None:
-    """The model section must describe a model (fields, preset, architecture overrides)."""
+    """The model section must describe a model (fields, preset, architecture overrides, dtypes).
+
+    Touches no JAX backend ('auto' is resolved as on a CPU here): a multi-host run must call
+    jax.distributed.initialize before anything starts the backend.
+    """
+    import numpy as np
+
     from vrtspike_jax.models import model_config_from_dict
-    from vrtspike_jax.train.checkpointing import model_mapping
+    from vrtspike_jax.train.checkpointing import config_to_dict, resolve_compute_dtype
 
     try:
-        mapping = model_mapping(config["model"])
+        model = config["model"]
+        mapping = resolve_compute_dtype(config_to_dict(model) if not isinstance(model, dict) else dict(model),
+                                        backend="cpu")
         mapping.pop("init_vrt_from", None)
+        for name in ("dtype", "param_dtype"):
+            value = mapping.get(name)
+            if value in (None, "", "bfloat16"):
+                continue
+            try:
+                np.dtype(value)
+            except TypeError:
+                raise ValueError(f"{name}={value!r} is not a data type (float32, bfloat16, or 'auto' for "
+                                 "dtype)") from None
         model_config_from_dict(mapping)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model: {' '.join(str(err).split())}") from None

@@ -463,7 +463,14 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     latest = checkpoints.latest_step()
     resumed_from, resumed_position = None, {}
     if latest is not None:
-        saved_config = checkpoints.read_config(latest)
+        try:
+            saved_config = checkpoints.read_config(latest)
+        except Exception as err:  # a damaged or foreign config item
+            checkpoints.close()
+            raise checkpointing.CheckpointReadError(
+                f"{workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)}: cannot read the run "
+                f"config of this checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:200]}); move that "
+                "step folder away to resume from the previous one, or use a new --workdir") from err
         diffs = _model_differences(saved_config.get("model", {}), config_dict["model"])
         if diffs:
             raise preflight.ConfigError(f"{workdir} holds checkpoints of another model; differences: "
