@@ -18,6 +18,10 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
   vrt120    the seed's 120-channel VRT layout in stages 1-7 (the 4x-SR VRT's widths, upscale 1).
   fuse14    fusion after stages 1-4 only (S-VRT's later choice) instead of 1-7.
   tiny      a few-second model and dataset for tests and smoke runs (not a meaningful training).
+  bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test
+            sequences of photos never trained on, blur from mild to severe (6-24 px per exposure), spikes at
+            half resolution (spike_scale 2, as Spk-X4K1000FPS) with read noise, dark spikes and threshold
+            mismatch. Data only: the frame size stays the model variant's (128x128 with quick).
 
 Hyper-parameters (SPEC section 3): Charbonnier(delta 1e-3) + 0.1 x VGG16-relu3_3 L1 perceptual loss; AdamW lr 2e-4,
 betas (0.9, 0.99), weight decay 1e-4 (decoupled, on every parameter as PyTorch's AdamW), linear warm-up 5k steps
@@ -79,6 +83,14 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.compilation_cache_dir = None
 
 
+def _bench(config: ml_collections.ConfigDict) -> None:
+    """The fair benchmark data (docs/DATA.md section 7); the size is left to the model variant (quick: 128x128)."""
+    config.data.spike_scale = 2                 # Spk-X4K1000FPS's half-resolution spikes (the embedded spec follows)
+    config.data.embedded.update(dict(
+        spike_scale=2, val_sequences=3, val_frames=10, test_sequences=3, test_frames=10,
+        blur_px=6.0, blur_px_max=24.0, noise_std=0.1, dark_current=0.005, threshold_std=0.05))
+
+
 VARIANTS = {
     "quick": _quick,
     "tiny": _tiny,
@@ -86,6 +98,7 @@ VARIANTS = {
     "vrt120": lambda c: c.model.update(dict(vrt_preset="sr_reds", vrt_overrides=ml_collections.ConfigDict(
         dict(upscale=1)))),
     "fuse14": lambda c: setattr(c.model, "fuse_stages", (1, 2, 3, 4)),
+    "bench": _bench,
 }
 
 

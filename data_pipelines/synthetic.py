@@ -26,10 +26,18 @@ from data_pipelines import layout, simulate, spike_dat
 from data_pipelines.fileio import atomic_path, atomic_write_json, file_lock
 
 GENERATOR_VERSION = 2
-# Real colour photographs bundled in scikit-image (no download). The validation photo is never used in train
-# (nor its stereo twin motorcycle_right); it is a detailed one, so that deblurring gains show in its PSNR.
+# Real photographs bundled in scikit-image (no download). Train: colour photos. The held-out photos are never used
+# in train, and val and test share none (nor the same scene: motorcycle_left's stereo twin motorcycle_right is
+# used nowhere). Of the colour photos scikit-image ships, only the motorcycle is left for held-out use (`cat` is
+# `chelsea`, `colorwheel` and `logo` are drawings), so the further held-out photos are real grey photographs (the
+# camera man, a brick wall, coins, gravel, a scanned page; rendered as R = G = B), the ones whose 128 px views hold
+# detail (the moon, cell and text views are nearly flat: 29-51 dB blurry-vs-sharp at 6-24 px blur). VAL_PHOTOS[0]
+# is the detailed motorcycle, so the default single val sequence is unchanged.
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina")
-VAL_PHOTOS = ("motorcycle_left",)
+VAL_PHOTOS = ("motorcycle_left", "camera", "brick")
+TEST_PHOTOS = ("coins", "gravel", "page")
+PHOTOS = {"train": TRAIN_PHOTOS, "val": VAL_PHOTOS, "test": TEST_PHOTOS}
+_SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}     # the split's entry in each sequence's random seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +45,27 @@ class SyntheticSpec:
     """Sizes and physics of the embedded dataset (flags of scripts/make_synthetic_dataset.py).
 
     height, width: RGB frame size (multiples of 8 and of spike_scale; the model needs >= 64).
-    train_sequences, val_sequences: number of sequences per split.
-    train_frames, val_frames: blurry frames per sequence.
+    train_sequences, val_sequences, test_sequences: number of sequences per split (test: 0 = no test split).
+        Sequence i of a split films photo i of its list (TRAIN_PHOTOS, VAL_PHOTOS, TEST_PHOTOS), cycling.
+    train_frames, val_frames, test_frames: blurry frames per sequence.
     subframes: spike frames (= rendered sub-frames) per exposure; K = 32 bins get subframes / 32 each.
     gap: spike frames between two exposures (0: the shutter is open all the time).
     blur_px: mean camera motion during one exposure, in pixels at 128 px frame size (scaled with the size).
+    blur_px_max: 0 (default): every sequence's blur level is blur_px. Else blur levels from mild to severe:
+        sequence i of the n of a split gets blur_px + (blur_px_max - blur_px) * i / (n - 1) (evenly spread,
+        deterministic; blur_px for a split of one sequence). Each sequence's speed keeps its random 0.6-1.4x.
     threshold: integrate-and-fire threshold (grey levels in [0, 1] per spike frame).
     spike_scale: RGB/spike size ratio.
     spike_margin: spike frames stored beyond each side of the exposure (the voxeliser drops them).
-    noise_std: Gaussian noise on each spike frame's charge increment.
+    noise_std: Gaussian noise on each spike frame's charge increment (read / photon noise).
+    dark_current: dark spikes per pixel per spike frame (random, Bernoulli; `simulate.IntegrateAndFire`'s
+        dark_rate): the rate a black scene fires at.
+    threshold_std: relative per-pixel threshold variation (fixed-pattern noise, one pattern per sequence).
     tick_rate_hz: nominal spike frame rate recorded in dataset.json (20 kHz, the first-generation camera).
     seed: everything random derives from it.
+
+    The fields after `seed` came later: at their defaults they are left out of the key and of synthetic.json,
+    so a spec that leaves them there keeps its folder name and its files byte for byte.
     """
 
     height: int = 128
@@ -65,6 +83,11 @@ class SyntheticSpec:
     noise_std: float = 0.0
     tick_rate_hz: float = 20000.0
     seed: int = 0
+    test_sequences: int = 0
+    test_frames: int = 10
+    blur_px_max: float = 0.0
+    dark_current: float = 0.0
+    threshold_std: float = 0.0
 
     def validate(self) -> None:
         f = self.spike_scale
@@ -78,11 +101,49 @@ class SyntheticSpec:
             raise ValueError("need subframes >= 2, gap >= 0, spike_margin >= 0")
         if self.train_sequences < 1 or self.train_frames < 1 or self.val_sequences < 0 or self.val_frames < 1:
             raise ValueError("need at least one train sequence with one frame")
+        if self.test_sequences < 0 or self.test_frames < 1:
+            raise ValueError("need test_sequences >= 0 and test_frames >= 1")
+        if self.blur_px < 0 or self.blur_px_max < 0:
+            raise ValueError(f"blur_px and blur_px_max must be >= 0, got {self.blur_px}, {self.blur_px_max}")
+        if not 0.0 <= self.dark_current <= 1.0:
+            raise ValueError(f"dark_current must be in [0, 1] spikes per pixel per tick, got {self.dark_current}")
+        if self.threshold_std < 0 or self.noise_std < 0:
+            raise ValueError("noise_std and threshold_std must be >= 0")
+
+    def identity(self) -> Dict[str, object]:
+        """The fields that define the data (written to synthetic.json and hashed into the key).
+
+        The fields added after generator version 2's first release are left out while at their defaults, so
+        that every dataset built before them keeps its key and its files. Likewise the held-out photo list is
+        added once a split films more than its first photo (before it, VAL_PHOTOS held one photo).
+        """
+        fields = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if fields[name] == _DEFAULTS[name]:
+                del fields[name]
+        if self.val_sequences > 1:
+            fields["val_photos"] = list(VAL_PHOTOS[:self.val_sequences])
+        if self.test_sequences > 0:
+            fields["test_photos"] = list(TEST_PHOTOS[:self.test_sequences])
+        return fields
 
     def key(self) -> str:
         """Short hash of the spec and the generator version: the embedded dataset's folder name."""
-        text = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        text = json.dumps({"v": GENERATOR_VERSION, **self.identity()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def blur_level(self, split: str, index: int) -> float:
+        """The blur level (px per exposure at 128 px) of sequence `index` of `split` (see blur_px_max)."""
+        if self.blur_px_max <= 0:
+            return self.blur_px
+        n = {"train": self.train_sequences, "val": self.val_sequences, "test": self.test_sequences}[split]
+        if n <= 1:
+            return self.blur_px
+        return self.blur_px + (self.blur_px_max - self.blur_px) * index / (n - 1)
+
+
+_LATER_FIELDS = ("test_sequences", "test_frames", "blur_px_max", "dark_current", "threshold_std")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SyntheticSpec)}
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -181,7 +242,7 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 def _write_sequence(root: Path, spec: SyntheticSpec, split: str, index: int, photo_name: str,
                     frames: int, rng: np.random.Generator) -> List[layout.AlignmentRow]:
     scale = min(spec.height, spec.width) / 128.0
-    speed = spec.blur_px * scale * rng.uniform(0.6, 1.4) / spec.subframes
+    speed = spec.blur_level(split, index) * scale * rng.uniform(0.6, 1.4) / spec.subframes
     motion = _Motion.random(rng, speed, spec.subframes, radius_px=min(spec.height, spec.width) / 2)
     period = spec.subframes + spec.gap
     margin = spec.spike_margin
@@ -191,7 +252,8 @@ def _write_sequence(root: Path, spec: SyntheticSpec, split: str, index: int, pho
     seq_dir = root / split / seq_name
     hs, ws = spec.height // spec.spike_scale, spec.width // spec.spike_scale
     camera = simulate.IntegrateAndFire(hs, ws, spec.threshold, seed=int(rng.integers(2 ** 31)),
-                                       noise_std=spec.noise_std)
+                                       noise_std=spec.noise_std, dark_rate=spec.dark_current,
+                                       threshold_std=spec.threshold_std)
     spikes = np.zeros((total, hs, ws), np.bool_)
     rows = []
     chunk = spec.subframes
@@ -233,14 +295,16 @@ def make_dataset(out, spec: SyntheticSpec = SyntheticSpec(), progress: bool = Fa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: List[layout.AlignmentRow] = []
-    plan = [("train", i, TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)], spec.train_frames) for i in range(spec.train_sequences)]
-    plan += [("val", i, VAL_PHOTOS[i % len(VAL_PHOTOS)], spec.val_frames) for i in range(spec.val_sequences)]
+    sizes = {"train": (spec.train_sequences, spec.train_frames), "val": (spec.val_sequences, spec.val_frames),
+             "test": (spec.test_sequences, spec.test_frames)}
+    plan = [(split, i, PHOTOS[split][i % len(PHOTOS[split])], frames)
+            for split, (count, frames) in sizes.items() for i in range(count)]
     iterator = plan
     if progress:
         from tqdm import tqdm
         iterator = tqdm(plan, desc="render", unit="seq")
     for split, i, photo, frames in iterator:
-        rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, i])
+        rng = np.random.default_rng([spec.seed, _SPLIT_STREAM[split], i])
         rows += _write_sequence(out, spec, split, i, photo, frames, rng)
     if spec.val_sequences == 0:
         (out / "val").mkdir(exist_ok=True)
@@ -248,7 +312,7 @@ def make_dataset(out, spec: SyntheticSpec = SyntheticSpec(), progress: bool = Fa
         spike_scale=spec.spike_scale, tick_rate_hz=spec.tick_rate_hz, source_layout="synthetic",
         description="scikit-image photographs filmed by a simulated shaking camera (data_pipelines/synthetic.py)"))
     layout.write_alignment(out / layout.ALIGNMENT_CSV, rows)
-    atomic_write_json(out / "synthetic.json", {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(spec)})
+    atomic_write_json(out / "synthetic.json", {"generator_version": GENERATOR_VERSION, **spec.identity()})
     return out
 
 

@@ -2,6 +2,10 @@
 """Build the embedded synthetic dataset (real photographs, simulated camera shake, simulated spikes).
 
   python scripts/make_synthetic_dataset.py --out DIR [--seed N] [--height 128 --width 128 ...]
+  python scripts/make_synthetic_dataset.py --out DIR --val_sequences 3 --test_sequences 3 --blur_px 6 \
+      --blur_px_max 24 --spike_scale 2 --noise_std 0.1 --dark_current 0.005 --threshold_std 0.05   # the bench data
+
+Every field of data_pipelines.synthetic.SyntheticSpec is a flag (its docstring says what each means).
 
 Writes our layout (docs/DATA.md) into DIR and, unless --noprepare, prepares it (voxel cache, train-only
 statistics, index) like scripts/prepare_data.py. Deterministic: the same flags give the same files.
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
     start = time.time()
     out = Path(args.out).expanduser()
     synthetic.make_dataset(out, spec, progress=True)
-    print(f"rendered {spec.train_sequences} train + {spec.val_sequences} val sequences of "
+    test = f" + {spec.test_sequences} test" if spec.test_sequences else ""
+    print(f"rendered {spec.train_sequences} train + {spec.val_sequences} val{test} sequences of "
           f"{spec.height}x{spec.width} into {out} ({time.time() - start:.1f} s)")
     if args.noprepare:
         return 0

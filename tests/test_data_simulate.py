@@ -1,4 +1,5 @@
-"""Spike simulator: rate I / threshold, determinism by seed, down-scaling, blur synthesis."""
+"""Spike simulator: rate I / threshold, determinism by seed, down-scaling, blur synthesis, dark spikes, threshold
+mismatch."""
 import numpy as np
 import pytest
 
@@ -75,3 +76,65 @@ def test_blur_is_mean_and_sharp_is_centre():
     blur4, sharp4 = simulate.synthesize_blur(sub[:4])
     np.testing.assert_allclose(blur4, 0.375)
     np.testing.assert_allclose(sharp4, 0.5)          # even L: the later of the two middle sub-frames
+
+
+def test_options_off_give_the_stream_of_before():
+    # Digest of this stream computed with simulate.py before dark_rate / threshold_std existed.
+    import hashlib
+    frames = np.random.default_rng(5).random((40, 8, 8, 3)).astype(np.float32)
+    spikes = simulate.simulate_spikes(frames, threshold=1.0, seed=11, noise_std=0.05, scale=2)
+    assert hashlib.sha256(np.packbits(spikes).tobytes()).hexdigest() == \
+        "f9a9c89ef2d8160a3a1cb790192f3b09424e7c2ab2b7a43f941d8a0a2ea89cb3"
+    explicit = simulate.simulate_spikes(frames, threshold=1.0, seed=11, noise_std=0.05, scale=2, dark_rate=0.0,
+                                        threshold_std=0.0)
+    np.testing.assert_array_equal(spikes, explicit)
+
+
+@pytest.mark.parametrize("rate", [0.002, 0.02, 0.2])
+def test_dark_current_alone_on_a_black_scene_fires_at_the_requested_rate(rate):
+    n, side = 2000, 32
+    spikes = simulate.simulate_spikes(np.zeros((n, side, side), np.float32), threshold=1.0, seed=3, dark_rate=rate)
+    samples = spikes.size
+    assert spikes.mean() == pytest.approx(rate, abs=4 * np.sqrt(rate * (1 - rate) / samples))
+    # Random (Bernoulli), not a regular clock: per-pixel counts spread as a binomial's, frames are independent.
+    counts = spikes.sum(0)
+    assert counts.var() == pytest.approx(n * rate * (1 - rate), rel=0.2)
+    assert (spikes[1:] & spikes[:-1]).mean() == pytest.approx(rate ** 2, abs=4 * rate / np.sqrt(samples) + 1e-5)
+    # No dark current, no spikes on a black scene.
+    assert not simulate.simulate_spikes(np.zeros((50, 8, 8), np.float32), threshold=1.0, seed=3).any()
+
+
+def test_dark_current_adds_its_rate_to_a_lit_pixel_and_keeps_the_other_draws():
+    n = 1000
+    grey = np.full((n, 16, 16), 0.3, np.float32)
+    clean = simulate.simulate_spikes(grey, threshold=1.0, seed=4)
+    dark = simulate.simulate_spikes(grey, threshold=1.0, seed=4, dark_rate=0.05)
+    assert dark.mean() - clean.mean() == pytest.approx(0.05, abs=0.005)
+    # Its own random stream: the initial charge and the Gaussian noise draws are those of the camera without it.
+    a = simulate.IntegrateAndFire(4, 4, 1.0, seed=9, noise_std=0.1)
+    b = simulate.IntegrateAndFire(4, 4, 1.0, seed=9, noise_std=0.1, dark_rate=0.3)
+    np.testing.assert_array_equal(a.charge, b.charge)
+    np.testing.assert_array_equal(a._rng.standard_normal(5), b._rng.standard_normal(5))
+    with pytest.raises(ValueError, match="dark_rate"):
+        simulate.IntegrateAndFire(2, 2, 1.0, dark_rate=1.5)
+
+
+def test_threshold_variation_gives_rates_that_vary_as_one_over_threshold():
+    n, intensity, std = 1000, 0.3, 0.1
+    camera = simulate.IntegrateAndFire(32, 32, 1.0, seed=7, threshold_std=std)
+    thresholds = camera.threshold
+    assert thresholds.shape == (32, 32) and thresholds.dtype == np.float32
+    assert thresholds.std() / thresholds.mean() == pytest.approx(std, rel=0.15)
+    assert thresholds.mean() == pytest.approx(1.0, abs=0.02)
+    counts = camera(np.full((n, 32, 32), intensity, np.float32)).sum(0)
+    expected = n * intensity / thresholds
+    # Each pixel: integrate-and-fire at its own threshold, floor or ceil of n * I / threshold_p (float32 slack).
+    assert np.abs(counts - expected).max() <= 1.0 + 1e-3
+    assert np.corrcoef(counts.ravel(), 1.0 / thresholds.ravel())[0, 1] > 0.99
+    # A fixed pattern: the same seed gives the same thresholds, another seed others; the noise stream is untouched.
+    same = simulate.IntegrateAndFire(32, 32, 1.0, seed=7, threshold_std=std)
+    other = simulate.IntegrateAndFire(32, 32, 1.0, seed=8, threshold_std=std)
+    np.testing.assert_array_equal(same.threshold, thresholds)
+    assert (other.threshold != thresholds).any()
+    plain = simulate.IntegrateAndFire(32, 32, 1.0, seed=7)
+    np.testing.assert_array_equal(plain._rng.standard_normal(5), same._rng.standard_normal(5))
