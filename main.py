@@ -98,16 +98,6 @@ def _nested(parents, key):
     return tree
 
 
-def user_errors():
-    """The exception types that mean a bad config, data, weights file or checkpoint (not a bug)."""
-    from data_pipelines.errors import DataError
-    from vrtspike_jax.convert import CheckpointError
-    from vrtspike_jax.train.checkpointing import CheckpointNotFoundError, CheckpointReadError
-    from vrtspike_jax.train.preflight import ConfigError
-
-    return ConfigError, DataError, CheckpointError, CheckpointNotFoundError, CheckpointReadError
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -123,7 +113,7 @@ def main(argv):
         logging.error("%s", error)
         print(f"stopped: {error}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE)
-    except user_errors() as error:
+    except preflight.user_errors() as error:
         if _debug():
             raise
         _fail(str(error))

@@ -160,6 +160,16 @@ def check_model(config) -> None:
         raise ConfigError(f"model: {' '.join(str(err).split())}") from None
 
 
+def user_errors() -> tuple:
+    """The exception types that mean a bad config, data, weights file or checkpoint (not a bug): entry points
+    print them as one line and exit with status 2."""
+    from data_pipelines.errors import DataError
+    from vrtspike_jax.convert import CheckpointError
+    from vrtspike_jax.train.checkpointing import CheckpointNotFoundError, CheckpointReadError
+
+    return ConfigError, DataError, CheckpointError, CheckpointNotFoundError, CheckpointReadError
+
+
 def preflight(config) -> None:
     """All checks above, cheapest first; nothing is built, compiled or written."""
     check_known_keys(config)
@@ -168,4 +178,5 @@ def preflight(config) -> None:
     check_data_root(config)
 
 
-__all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "preflight"]
+__all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "preflight",
+           "user_errors"]
