@@ -27,6 +27,7 @@ setup(
         "pillow>=10",
         "psutil>=5.9",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -122,7 +122,8 @@ def evaluate(apply_fn: Callable, eval_iterator, *, tile, spike_scale: int, use_s
         blur | restored | sharp triptych of the clip's middle evaluated frame.
     Returns:
       {"psnr": ..., "psnr_y": ..., "ssim": ..., "ssim_y": ..., ["lpips"], ["input_psnr", ...], "num_frames": n,
-       "per_sequence": {seq: {"psnr": ..., "num_frames": ...}}} with means over every process's frames.
+       "per_sequence": {seq: {"psnr": ..., "psnr_y": ..., "ssim": ..., "ssim_y": ..., ["lpips"], "num_frames": ...}}}
+      with means over every process's frames.
     """
     from vrtspike_jax.inference import restore_video
 
@@ -146,7 +147,7 @@ def evaluate(apply_fn: Callable, eval_iterator, *, tile, spike_scale: int, use_s
             values["lpips"] = lpips(out, sharp)
         restored_sums.add(values)
         seq = str(batch["seq"])
-        per_sequence.setdefault(seq, MetricSums()).add({"psnr": values["psnr"]})
+        per_sequence.setdefault(seq, MetricSums()).add(values)
         if want_input_metrics:
             blurry = frames[mask]
             base = frame_metrics(blurry, sharp, quantize=quantize, crop_border=crop_border)
@@ -169,7 +170,7 @@ def evaluate(apply_fn: Callable, eval_iterator, *, tile, spike_scale: int, use_s
             result[name] = float(totals[offset + j] / n_in) if n_in else float("nan")
     # Per-sequence PSNR of this process's sequences (each sequence's clips may span processes: a process-local
     # partial view, merged by the host that writes the file; exact with one process).
-    result["per_sequence"] = {seq: {"psnr": s.sums["psnr"] / s.count, "num_frames": s.count}
+    result["per_sequence"] = {seq: {**{name: total / s.count for name, total in s.sums.items()}, "num_frames": s.count}
                               for seq, s in sorted(per_sequence.items())}
     return result
 

@@ -1,0 +1,78 @@
+"""scripts/compare.py end to end on the tiny config: two arms, one seed, a few steps. Checks the table, the plot
+and the frames exist with finite numbers (not which arm wins), that a rerun reuses everything, and bad arms."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vrtspike_jax.train import testing
+
+
+def compare_command(workdir, shared, *extra):
+    overrides = testing.overrides_to_flags({"data.embedded_dir": shared / "train_embedded",
+                                            "compilation_cache_dir": shared / "train_xla_cache",
+                                            "optimizer.schedule_steps": 16})
+    return [sys.executable, str(testing.REPO_ROOT / "scripts" / "compare.py"),
+            f"--config={testing.REPO_ROOT / 'configs' / 'baseline.py'}:tiny", f"--workdir={workdir}",
+            *overrides, *extra]
+
+
+def run(command):
+    return subprocess.run(command, cwd=testing.REPO_ROOT, capture_output=True, text=True, timeout=1200,
+                          env=testing.subprocess_env())
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    shared = tmp_path_factory.getbasetemp()   # the tiny dataset and XLA cache of the training tests
+    workdir = tmp_path_factory.mktemp("cmp")
+    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1"))
+    assert result.returncode == 0, testing.tail(result)
+    return workdir, shared, result
+
+
+def test_comparison_writes_table_plot_and_frames(comparison):
+    workdir, _, result = comparison
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["arms"] == ["spike", "vrt_only"] and results["seed_values"] == [123]
+    val = results["splits"]["val"]
+    for arm in ("spike", "vrt_only"):
+        entry = val["arms"][arm]
+        for metric in ("psnr", "psnr_y", "ssim_y"):
+            assert np.isfinite(entry[metric]["mean"]) and entry[metric]["std"] == 0.0 and entry[metric]["n"] == 1
+        assert entry["num_frames"] == 4 and entry["per_sequence"]
+        assert np.isfinite(results["train_seconds"][arm]["mean"])
+        assert (workdir / arm / "seed_123" / "checkpoints" / "best").is_dir()
+    assert np.isfinite(val["input"]["psnr"])
+    assert "test" not in results["splits"]          # the tiny dataset has no test split
+    table = (workdir / "results.md").read_text()
+    assert "| spike |" in table and "| vrt_only |" in table and "| blurry input |" in table
+    assert "| spike |" in result.stdout
+    plot = Image.open(workdir / "val_psnr.png")
+    assert plot.size[0] > 300 and plot.size[1] > 200
+    (frame,) = results["frames"]
+    image = np.asarray(Image.open(frame))
+    assert image.shape == (14 + 64, 64 * 4, 3)        # labels over blurry | spike | vrt_only | sharp
+    assert image[:14].min() < 64 and image[:14].max() == 255   # the caption band has text
+
+
+def test_a_rerun_reuses_the_trained_runs(comparison):
+    workdir, shared, _ = comparison
+    records = sorted((workdir / "spike" / "seed_123" / "run_records").glob("run_*.json"))
+    before = json.loads((workdir / "results.json").read_text())
+    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1"))
+    assert result.returncode == 0, testing.tail(result)
+    assert sorted((workdir / "spike" / "seed_123" / "run_records").glob("run_*.json")) == records
+    after = json.loads((workdir / "results.json").read_text())
+    assert after["splits"] == before["splits"] and after["train_seconds"] == before["train_seconds"]
+
+
+def test_an_unknown_arm_is_a_one_line_error(tmp_path):
+    result = run(compare_command(tmp_path / "w", tmp_path, "--arms=spike,vrt_olny"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--arms spike,vrt_olny" in errors[0] and "vrt_only" in errors[0]
+    assert not (tmp_path / "w").exists()
