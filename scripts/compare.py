@@ -38,7 +38,8 @@ flags.DEFINE_string("workdir", None, "Folder of the comparison (one training wor
 flags.DEFINE_list("arms", ["spike", "vrt_only"], "Arms: 'spike' (the config as given) or variants of the config file.")
 flags.DEFINE_integer("seeds", 3, "Seeds per arm: config.seed, config.seed + 1, ...")
 flags.DEFINE_integer("steps", None, "Training steps per run (default: the config's total_steps).")
-flags.DEFINE_integer("frames", 4, "Side-by-side frames per split (middle frame of the first clips).")
+flags.DEFINE_integer("frames", 4, "Side-by-side frames per split: one (the middle of its first clip) for each "
+                     "of the first N sequences.")
 config_flags.DEFINE_config_file("config", None, "Training configuration (a configs/*.py file, ':variant' args).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -117,15 +118,20 @@ def evaluate(config, folder: Path, split: str, frames: int):
         lpips = validation.LPIPSScorer(os.path.expanduser(str(config.eval.lpips_weights)),
                                        str(config.eval.lpips_convention))
     pictures = folder / "compare_frames"
+    kept = set()
 
     def keep(seq: str, frame_idx: int, image) -> None:
+        """The middle frame of the first clip of each of the first `frames` sequences."""
+        if seq in kept or len(kept) >= frames:
+            return
+        kept.add(seq)
         validation.save_png(pictures / f"{split}__{seq.replace('/', '_')}__{frame_idx:06d}.png", image)
 
     result = validation.evaluate(
         make_apply_fn(model), eval_iter, tile=TileSpec.from_dict(dict(config.eval.tile)),
         spike_scale=int(config.data.spike_scale), use_spike=bool(config.model.use_spike),
         quantize=bool(config.eval.quantize), crop_border=int(config.eval.crop_border), lpips=lpips,
-        triptych_clips=frames, on_triptych=keep)
+        triptych_clips=len(eval_iter) if frames else 0, on_triptych=keep)
     cache.write_text(json.dumps(result, indent=1, default=float))
     return result
 
