@@ -105,9 +105,7 @@ def main(argv):
     # Imported here so that --help is fast and jax.distributed.initialize runs before any backend use.
     from vrtspike_jax.train import preflight, train_lib
 
-    try:
-        preflight.preflight(FLAGS.config)   # before the distributed start-up: every process fails the same way
-        train_lib.maybe_initialize_distributed(FLAGS.config)
+    try:   # train_and_evaluate runs the start-up checks first, then jax.distributed.initialize
         summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train_lib.NonFiniteLossError as error:
         logging.error("%s", error)

@@ -100,10 +100,15 @@ def small_official(load_fixture):
     return params, str(z["config_json"])
 
 
+def run_cli(script: str, *args) -> subprocess.CompletedProcess:
+    """`python scripts/<script> ARGS` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_vrt_missing_input_file(tmp_path):
     missing = tmp_path / "006_VRT_videodeblurring_GoPro.pth"
-    run = subprocess.run([sys.executable, SCRIPT, "--input", str(missing), "--output", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300)
+    run = run_cli("convert_vrt_checkpoint.py", "--input", missing, "--output", tmp_path / "out")
     one_line_error(run.returncode, run.stdout, run.stderr, f"--input {missing}: no such file")
     assert list(tmp_path.iterdir()) == []
 
@@ -191,9 +196,7 @@ def vgg_state(up_to_conv=2, bad_shape=False):
 
 def test_vgg_missing_input_file(tmp_path):
     missing = tmp_path / "vgg16-397923af.pth"
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "convert_vgg_weights.py"), "--input",
-                          str(missing), "--output", str(tmp_path / "vgg.npz")], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=300)
+    run = run_cli("convert_vgg_weights.py", "--input", missing, "--output", tmp_path / "vgg.npz")
     one_line_error(run.returncode, run.stdout, run.stderr, f"--input {missing}: no such file")
     assert list(tmp_path.iterdir()) == []
 
@@ -252,9 +255,8 @@ def test_lpips_missing_input_file(tmp_path):
     alexnet, _ = alexnet_and_lin()
     np.savez(tmp_path / "alexnet.npz", **alexnet)
     missing = tmp_path / "alex.pth"
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "convert_lpips_weights.py"), "--alexnet",
-                          str(tmp_path / "alexnet.npz"), "--lin", str(missing), "--output", str(tmp_path / "l.npz")],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    run = run_cli("convert_lpips_weights.py", "--alexnet", tmp_path / "alexnet.npz", "--lin", missing,
+                  "--output", tmp_path / "l.npz")
     one_line_error(run.returncode, run.stdout, run.stderr, f"--lin {missing}: no such file")
     assert [p.name for p in tmp_path.iterdir()] == ["alexnet.npz"]
 
