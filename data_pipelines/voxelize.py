@@ -212,3 +212,35 @@ def load_stats(path, num_bins: Optional[int] = None) -> Tuple[float, float]:
         raise DataError(path, f"voxel statistics must be finite with std > 0, found mean={mean}, std={std}",
                         "bad_voxels")
     return mean, std
+
+
+def shift_timeline(voxels, bins: int, fill: float) -> np.ndarray:
+    """Voxels of T consecutive gap-free exposures moved along their common time axis by `bins` bins.
+
+    Args:
+      voxels: `[..., T, h, w, K]` (the input pipeline's channels-last `spike_vox` of a clip): exposure t's K bins
+        are bins t*K .. t*K + K - 1 of one timeline (exact when the exposures chain without a gap, as in the
+        embedded dataset).
+      bins: > 0: every bin's spikes appear `bins` bins later (the spike clock lags the RGB clock); < 0: earlier.
+      fill: the value of the `|bins|` bins at the clip's start (bins > 0) or end (bins < 0) that the shift leaves
+        without recorded spikes (pass the normalised value of a zero count: `-mean / std`).
+    Returns:
+      float32 array of the same shape.
+    """
+    voxels = np.asarray(voxels, np.float32)
+    if voxels.ndim < 4:
+        raise ValueError(f"voxels must be [..., T, h, w, K], got shape {voxels.shape}")
+    x = np.moveaxis(voxels, -4, -2)                                   # [..., h, w, T, K]
+    shape = x.shape
+    flat = x.reshape(shape[:-2] + (shape[-2] * shape[-1],))
+    bins = int(bins)
+    if abs(bins) >= flat.shape[-1]:
+        raise ValueError(f"a shift of {bins} bins leaves nothing of a clip of {flat.shape[-1]} bins")
+    out = np.full_like(flat, np.float32(fill))
+    if bins > 0:
+        out[..., bins:] = flat[..., :-bins]
+    elif bins < 0:
+        out[..., :bins] = flat[..., -bins:]
+    else:
+        out[...] = flat
+    return np.moveaxis(out.reshape(shape), -2, -4)

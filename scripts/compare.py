@@ -2,7 +2,7 @@ r"""Compare training arms (VRT+spike against plain VRT, fusion variants, ...) ov
 steps and schedule, evaluated on the same validation and test sequences.
 
     python scripts/compare.py --config=configs/baseline.py:quick --arms spike,vrt_only --seeds 3 \
-        --workdir=runs/cmp [--steps 300] [--config.<key>=<value> ...]
+        --workdir=runs/cmp [--steps 300] [--robustness no_spikes,shift:1,noise:2] [--config.<key>=<value> ...]
 
 Arms: `spike` is the config as given; any other arm is that variant of the config file applied on top (e.g.
 `vrt_only`, `fuse14`). Arm a, seed i trains WORKDIR/<a>/seed_<config.seed + i> with training's own
@@ -13,7 +13,9 @@ test split, by training's validation (the tiled restorer on T-frame clips, KAIR 
 Writes into WORKDIR:
   results.json, results.md   mean and standard deviation over seeds of PSNR (RGB, Y), SSIM (Y) (and LPIPS with
                              --config.eval.lpips_weights), overall and per sequence, per split; the blurry input;
-                             training wall time per arm
+                             training wall time per arm; the spike-only references (TFP and TFI of the centre
+                             instant, scored on Y, window and grey map chosen on val: spike_only.json)
+                             with --robustness, the spike arms' metrics with missing, shifted or noisier spikes
   val_psnr.png               validation PSNR against step, every arm (mean over seeds, band = +-1 std)
   frames/<split>__<seq>__<frame>.png   blurry | each arm (first seed) | sharp, labelled
 Rerunning the same command resumes: finished trainings and evaluations are reused, an interrupted one continues
@@ -38,6 +40,10 @@ flags.DEFINE_string("workdir", None, "Folder of the comparison (one training wor
 flags.DEFINE_list("arms", ["spike", "vrt_only"], "Arms: 'spike' (the config as given) or variants of the config file.")
 flags.DEFINE_integer("seeds", 3, "Seeds per arm: config.seed, config.seed + 1, ...")
 flags.DEFINE_integer("steps", None, "Training steps per run (default: the config's total_steps).")
+flags.DEFINE_list("robustness", [], "Also evaluate every spike arm's best checkpoint with perturbed spikes: "
+                  "'no_spikes' (zero counts), 'shift:N' (spikes N voxel bins late; N < 0: early), 'noise:X' (the "
+                  "embedded data re-simulated with X times its read noise, dark current and threshold mismatch, "
+                  "normalised with the training data's statistics).")
 flags.DEFINE_integer("frames", 4, "Side-by-side frames per split: one (the middle of its first clip) for each "
                      "of the first N sequences.")
 config_flags.DEFINE_config_file("config", None, "Training configuration (a configs/*.py file, ':variant' args).",
@@ -97,21 +103,84 @@ def train(config, folder: Path) -> float:
 # Evaluation
 
 
-def evaluate(config, folder: Path, split: str, frames: int):
+def parse_perturbation(name: str):
+    """'no_spikes' | 'shift:N' | 'noise:X' -> (kind, value); ValueError naming the flag value otherwise."""
+    kind, _, value = name.partition(":")
+    try:
+        if kind == "no_spikes" and not value:
+            return kind, None
+        if kind == "shift" and int(value) != 0:
+            return kind, int(value)
+        if kind == "noise" and float(value) >= 0:
+            return kind, float(value)
+    except ValueError:
+        pass
+    raise ValueError(f"--robustness {name}: expected 'no_spikes', 'shift:N' (N a non-zero number of voxel bins) or "
+                     "'noise:X' (X >= 0, a factor on the embedded data's noise)")
+
+
+class PerturbedSpikes:
+    """An evaluation iterator whose spikes are replaced (no_spikes) or moved in time (shift): see --robustness."""
+
+    def __init__(self, eval_iter, kind: str, value):
+        self.eval_iter, self.kind, self.value = eval_iter, kind, value
+        mean, std = eval_iter.stats
+        self.zero = -float(mean) / float(std)       # the normalised value of a zero count: log1p(0) = 0
+
+    def __len__(self) -> int:
+        return len(self.eval_iter)
+
+    def __iter__(self):
+        import numpy as np
+
+        from data_pipelines import voxelize
+
+        for batch in self.eval_iter:
+            batch = dict(batch)
+            if self.kind == "no_spikes":
+                batch["spike_vox"] = np.full_like(batch["spike_vox"], self.zero)
+            else:
+                batch["spike_vox"] = voxelize.shift_timeline(batch["spike_vox"], self.value, self.zero)
+            yield batch
+
+
+def eval_data(config, split: str, perturbation):
+    """The data config that evaluates `split` (for 'noise:X', the re-simulated embedded data with the training
+    data's statistics)."""
+    from data_pipelines import input_pipeline, layout
+
+    data = copy.deepcopy(config.data)
+    data.eval_split = split
+    if perturbation is not None and perturbation[0] == "noise":
+        if data.root:
+            raise ValueError(f"--robustness noise:{perturbation[1]:g} re-simulates the embedded dataset; "
+                             f"data.root={data.root} is recorded data")
+        train_root = input_pipeline.resolve_root(config.data)
+        for key in ("noise_std", "dark_current", "threshold_std"):
+            data.embedded[key] = float(data.embedded[key]) * perturbation[1]
+        data.stats_file = str(train_root / layout.STATS_JSON)
+    return data
+
+
+def evaluate(config, folder: Path, split: str, frames: int, perturbation=None):
     """Validation metrics of the run's `best` checkpoint on `split` (cached in the run folder); None when the data
-    has no such split."""
+    has no such split. `perturbation`: None or parse_perturbation's (kind, value) (no pictures then)."""
     from data_pipelines import input_pipeline, prepare
     from vrtspike_jax.inference import TileSpec, make_apply_fn
     from vrtspike_jax.train import checkpointing, validation
 
-    cache = folder / f"compare_eval_{split}.json"
+    tag = "" if perturbation is None else "_" + "".join(f"{v}" for v in perturbation if v is not None)
+    cache = folder / f"compare_eval_{split}{tag}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    data = copy.deepcopy(config.data)
-    data.eval_split = split
+    data = eval_data(config, split, perturbation)
     if split != "val" and not prepare.read_prepared(input_pipeline.resolve_root(data))["splits"].get(split):
         return None   # the data has no such split (the test split is optional)
     eval_iter = input_pipeline.create_eval_iterator(data, process_index=0, process_count=1)
+    if perturbation is not None:
+        frames = 0
+        if perturbation[0] != "noise":
+            eval_iter = PerturbedSpikes(eval_iter, *perturbation)
     model, _ = checkpointing.load_model_from_checkpoint(str(folder.resolve()), which="best")
     lpips = None
     if config.eval.get("lpips_weights"):
@@ -133,6 +202,21 @@ def evaluate(config, folder: Path, split: str, frames: int):
         quantize=bool(config.eval.quantize), crop_border=int(config.eval.crop_border), lpips=lpips,
         triptych_clips=len(eval_iter) if frames else 0, on_triptych=keep)
     cache.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def spike_only_reference(config, workdir: Path) -> Dict[str, Any]:
+    """TFP and TFI reconstructions of the centre instant, scored on Y (vrtspike_jax/spike_reference.py; parameter
+    and grey map chosen on val); cached in WORKDIR/spike_only.json."""
+    from data_pipelines import input_pipeline
+    from vrtspike_jax import spike_reference
+
+    cache = workdir / "spike_only.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    result = spike_reference.reference(input_pipeline.resolve_root(config.data), SPLITS,
+                                       crop_border=int(config.eval.crop_border))
+    cache.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -182,12 +266,28 @@ def markdown(results: Mapping[str, Any]) -> str:
                                                  for m in metrics) + f" | {_cell(wall, 0)} s |")
         lines.append("| blurry input | " + " | ".join(f"{table['input'][m]:.4f}" if m in table["input"] and (
             "ssim" in m or m == "lpips") else f"{table['input'].get(m, float('nan')):.2f}" for m in metrics) + " | |")
+        for method, ref in results.get("spike_only", {}).items():
+            if split in ref["splits"]:
+                scores = ref["splits"][split]
+                cells = [f"{scores[m]:.4f}" if "ssim" in m else f"{scores[m]:.2f}" if m in scores else "-"
+                         for m in metrics]
+                lines.append(f"| spike only: {method.upper()} ({ref['param_name']} {ref['param']}, grey map fitted "
+                             "on val; Y only) | " + " | ".join(cells) + " | |")
         sequences = sorted(next(iter(table["arms"].values()))["per_sequence"])
         lines += ["", f"PSNR per sequence ({split}):", "", "| sequence | " + " | ".join(table["arms"]) + " |",
                   "|---|" + "---|" * len(table["arms"])]
         for seq in sequences:
             lines.append(f"| {seq} | " + " | ".join(_cell(entry["per_sequence"][seq]["psnr"], 2)
                                                    for entry in table["arms"].values()) + " |")
+        lines.append("")
+    for split, by_arm in results.get("robustness", {}).items():
+        names = list(next(iter(by_arm.values())))
+        lines += [f"## Robustness ({split}): PSNR (RGB) of the spike arms with perturbed spikes", "",
+                  "| arm | as trained | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for arm, by_name in by_arm.items():
+            clean = results["splits"][split]["arms"][arm]["psnr"]
+            lines.append(f"| {arm} | {_cell(clean, 2)} | " + " | ".join(_cell(by_name[n]["psnr"], 2) for n in names)
+                         + " |")
         lines.append("")
     lines += ["![validation PSNR against step](val_psnr.png)", ""]
     return "\n".join(lines)
@@ -264,10 +364,12 @@ def caption_band(labels: Sequence[str], width: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(base, workdir: Path, arms: Sequence[str], num_seeds: int, steps, frames: int, variants) -> Dict[str, Any]:
+def run(base, workdir: Path, arms: Sequence[str], num_seeds: int, steps, frames: int, variants,
+        robustness: Sequence[str] = ()) -> Dict[str, Any]:
     seeds = [int(base.seed) + i for i in range(num_seeds)]
     wall: Dict[str, List[float]] = {arm: [] for arm in arms}
     evals: Dict[str, Dict[str, List[Any]]] = {split: {arm: [] for arm in arms} for split in SPLITS}
+    perturbed: Dict[str, Dict[str, Dict[str, List[Any]]]] = {split: {} for split in SPLITS}
     for arm in arms:
         for seed in seeds:
             config = arm_config(base, arm, seed, steps, variants)
@@ -276,12 +378,21 @@ def run(base, workdir: Path, arms: Sequence[str], num_seeds: int, steps, frames:
             wall[arm].append(train(config, folder))
             for split in SPLITS:
                 result = evaluate(config, folder, split, frames if seed == seeds[0] else 0)
-                if result is not None:
-                    evals[split][arm].append(result)
+                if result is None:
+                    continue
+                evals[split][arm].append(result)
+                for name in robustness if config.model.use_spike else ():
+                    result = evaluate(config, folder, split, 0, parse_perturbation(name))
+                    perturbed[split].setdefault(arm, {}).setdefault(name, []).append(result)
     splits = {split: aggregate(by_arm) for split, by_arm in evals.items() if all(by_arm.values())}
+    spike_only = spike_only_reference(base, workdir)
     results = {"config": FLAGS["config"].config_filename, "arms": list(arms), "seeds": num_seeds,
                "seed_values": seeds, "steps": int(steps if steps is not None else base.total_steps),
-               "splits": splits, "train_seconds": {arm: mean_std(v) for arm, v in wall.items()},
+               "splits": splits, "spike_only": spike_only,
+               "robustness": {split: {arm: {name: {m: mean_std([r[m] for r in rs]) for m in METRICS if m in rs[0]}
+                                            for name, rs in by_name.items()} for arm, by_name in by_arm.items()}
+                              for split, by_arm in perturbed.items() if by_arm},
+               "train_seconds": {arm: mean_std(v) for arm, v in wall.items()},
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (workdir / "results.json").write_text(json.dumps(results, indent=1))
     (workdir / "results.md").write_text(markdown(results))
@@ -305,12 +416,21 @@ def main(argv):
     if FLAGS.seeds < 1 or (FLAGS.steps is not None and FLAGS.steps < 1) or FLAGS.frames < 0:
         cli.exit_with_error(f"--seeds {FLAGS.seeds} --steps {FLAGS.steps} --frames {FLAGS.frames}: seeds and steps "
                             "must be >= 1, frames >= 0")
+    for name in FLAGS.robustness:
+        try:
+            kind, _ = parse_perturbation(name)
+        except ValueError as error:
+            cli.exit_with_error(error)
+        if kind == "noise" and FLAGS.config.data.root:
+            cli.exit_with_error(f"--robustness {name} re-simulates the embedded dataset; data.root="
+                                f"{FLAGS.config.data.root} is recorded data")
     workdir = Path(os.path.expanduser(FLAGS.workdir)).resolve()
     try:
         for arm in FLAGS.arms:
             preflight.preflight(arm_config(FLAGS.config, arm, FLAGS.config.seed, FLAGS.steps, variants))
         workdir.mkdir(parents=True, exist_ok=True)
-        results = run(FLAGS.config, workdir, FLAGS.arms, FLAGS.seeds, FLAGS.steps, FLAGS.frames, variants)
+        results = run(FLAGS.config, workdir, FLAGS.arms, FLAGS.seeds, FLAGS.steps, FLAGS.frames, variants,
+                      FLAGS.robustness)
     except preflight.user_errors() as error:
         cli.exit_with_error(error)
     print((workdir / "results.md").read_text())

@@ -29,7 +29,8 @@ def run(command):
 def comparison(tmp_path_factory):
     shared = tmp_path_factory.getbasetemp()   # the tiny dataset and XLA cache of the training tests
     workdir = tmp_path_factory.mktemp("cmp")
-    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1"))
+    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1",
+                                 "--robustness=no_spikes,shift:-1"))
     assert result.returncode == 0, testing.tail(result)
     return workdir, shared, result
 
@@ -51,6 +52,19 @@ def test_comparison_writes_table_plot_and_frames(comparison):
     table = (workdir / "results.md").read_text()
     assert "| spike |" in table and "| vrt_only |" in table and "| blurry input |" in table
     assert "| spike |" in result.stdout
+    for method in ("tfp", "tfi"):                    # the spike-only references, chosen and fitted on val
+        ref = results["spike_only"][method]
+        assert np.isfinite(ref["splits"]["val"]["psnr_y"]) and np.isfinite(ref["splits"]["val"]["ssim_y"])
+        assert str(ref["param"]) in ref["val_psnr_y_by_param"]
+        assert ref["splits"]["val"]["psnr_y"] == max(ref["val_psnr_y_by_param"].values())
+        assert f"| spike only: {method.upper()} (" in table
+    robust = results["robustness"]["val"]
+    assert set(robust) == {"spike"}                  # only arms that use spikes are perturbed
+    for name in ("no_spikes", "shift:-1"):
+        assert np.isfinite(robust["spike"][name]["psnr"]["mean"]) and robust["spike"][name]["psnr"]["n"] == 1
+    # Without its spikes the model gives other frames (zero counts are not what it was trained on).
+    assert robust["spike"]["no_spikes"]["psnr"]["mean"] != val["arms"]["spike"]["psnr"]["mean"]
+    assert "## Robustness (val)" in table and "| spike | " in table.split("## Robustness (val)")[1]
     plot = Image.open(workdir / "val_psnr.png")
     assert plot.size[0] > 300 and plot.size[1] > 200
     (frame,) = results["frames"]
@@ -63,11 +77,13 @@ def test_a_rerun_reuses_the_trained_runs(comparison):
     workdir, shared, _ = comparison
     records = sorted((workdir / "spike" / "seed_123" / "run_records").glob("run_*.json"))
     before = json.loads((workdir / "results.json").read_text())
-    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1"))
+    result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1",
+                                 "--robustness=no_spikes,shift:-1"))
     assert result.returncode == 0, testing.tail(result)
     assert sorted((workdir / "spike" / "seed_123" / "run_records").glob("run_*.json")) == records
     after = json.loads((workdir / "results.json").read_text())
     assert after["splits"] == before["splits"] and after["train_seconds"] == before["train_seconds"]
+    assert after["robustness"] == before["robustness"] and after["spike_only"] == before["spike_only"]
 
 
 def test_an_unknown_arm_is_a_one_line_error(tmp_path):
@@ -75,4 +91,13 @@ def test_an_unknown_arm_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--arms spike,vrt_olny" in errors[0] and "vrt_only" in errors[0]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flag, message", [("shift:0", "--robustness shift:0"), ("blur:2", "--robustness blur:2")])
+def test_a_bad_perturbation_is_a_one_line_error(tmp_path, flag, message):
+    result = run(compare_command(tmp_path / "w", tmp_path, f"--robustness={flag}"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "no_spikes" in errors[0]
     assert not (tmp_path / "w").exists()

@@ -113,3 +113,15 @@ def test_stats_exact_from_histograms_and_order_independent(tmp_path):
     assert err.value.kind == "config"
     norm = voxelize.normalize(grids[0], mean, std)
     np.testing.assert_allclose(norm, (np.log1p(grids[0]) - mean) / std, rtol=1e-6)
+
+
+def test_shift_timeline_moves_bins_across_exposures_and_fills_the_vacated_end():
+    # 2 exposures x K = 3 bins of a 1x1 spike image: timeline [1 2 3 | 4 5 6].
+    vox = np.arange(1, 7, dtype=np.float32).reshape(2, 3)[:, None, None, :]       # [T, h, w, K]
+    later = voxelize.shift_timeline(vox, 2, fill=-9.0)
+    np.testing.assert_array_equal(later[:, 0, 0], [[-9, -9, 1], [2, 3, 4]])
+    earlier = voxelize.shift_timeline(vox[None], -1, fill=0.5)[0]                  # a batch axis in front
+    np.testing.assert_array_equal(earlier[:, 0, 0], [[2, 3, 4], [5, 6, 0.5]])
+    np.testing.assert_array_equal(voxelize.shift_timeline(vox, 0, fill=0.0), vox)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        voxelize.shift_timeline(vox, 6, fill=0.0)
