@@ -18,6 +18,11 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
   vrt120    the seed's 120-channel VRT layout in stages 1-7 (the 4x-SR VRT's widths, upscale 1).
   fuse14    fusion after stages 1-4 only (S-VRT's later choice) instead of 1-7.
   tiny      a few-second model and dataset for tests and smoke runs (not a meaningful training).
+  kair_warmup  KAIR's VRT recipe: SpyNet and the deformable convolutions frozen for the first 20k steps, then
+            trained at 0.125x the learning rate (fix_iter 20000, fix_lr_mul 0.125, fix_keys spynet, deform).
+  frozen_backbone  VRT (backbone, SpyNet, deformable convolutions) frozen for the run: only the spike encoder, its
+            temporal self-attention and the fusion train (meant with --config.model.init_vrt_from=<VRT .npz>;
+            keeps vrt.conv_last as initialised, never zero).
   bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test
             sequences of photos never trained on, blur from mild to severe (6-24 px per exposure), spikes at
             half resolution (spike_scale 2, as Spk-X4K1000FPS) with read noise, dark spikes and threshold
@@ -91,6 +96,17 @@ def _bench(config: ml_collections.ConfigDict) -> None:
         blur_px=6.0, blur_px_max=24.0, noise_std=0.1, dark_current=0.005, threshold_std=0.05))
 
 
+def _kair_warmup(config: ml_collections.ConfigDict) -> None:
+    for group in ("spynet", "deform"):
+        config.optimizer.groups[group].update(dict(frozen_steps=20_000, lr_multiplier=0.125))
+
+
+def _frozen_backbone(config: ml_collections.ConfigDict) -> None:
+    for group in ("backbone", "spynet", "deform"):
+        config.optimizer.groups[group].frozen_steps = -1
+    config.init.zero_output_conv = False        # a frozen zero output conv would pass no gradient to anything
+
+
 VARIANTS = {
     "quick": _quick,
     "tiny": _tiny,
@@ -99,6 +115,8 @@ VARIANTS = {
         dict(upscale=1)))),
     "fuse14": lambda c: setattr(c.model, "fuse_stages", (1, 2, 3, 4)),
     "bench": _bench,
+    "kair_warmup": _kair_warmup,
+    "frozen_backbone": _frozen_backbone,
 }
 
 

@@ -71,6 +71,9 @@ def default_data_config():
       spike_scale: f, RGB/spike resolution ratio; must match the prepared data (dataset.json).
       hflip, vflip: random horizontal / vertical flips in training (same for all frames and spikes).
       stats_file: voxel statistics; None means <root>/voxel_stats.json (train split only).
+      spike_dropout: probability that a training sample's spikes are replaced by zero counts (a capture without
+        spikes), drawn per sample and step in the train step from the run's rng (train_lib.make_train_step);
+        0 (default) never. Validation always sees the recorded spikes.
       train_split, eval_split: split folders ("val" selects checkpoints; "test" is for reporting only and
         must not be the eval_split of a run whose test number is reported; see docs/DATA.md section 5).
       num_parallel_calls: parallel sample loads in tf.data (-1 = AUTOTUNE).
@@ -94,6 +97,7 @@ def default_data_config():
     config.hflip = True
     config.vflip = False
     config.stats_file = placeholder(str)
+    config.spike_dropout = 0.0
     config.train_split = "train"
     config.eval_split = "val"
     config.num_parallel_calls = -1

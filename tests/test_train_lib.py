@@ -1,6 +1,7 @@
 """Unit tests of the training library (in-process, small): configs, schedule, sharding rules, the train step's
 non-finite skip, step bookkeeping, checkpoint loading errors. The end-to-end runs are in test_train_run.py."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -263,3 +264,55 @@ def test_model_config_changes_are_named():
     assert json.dumps(train_lib.format_summary({
         "step": 3, "workdir": "w", "checkpoints": "c", "tensorboard": "t", "triptychs": "p", "metrics_dir": "m",
         "validation": {"psnr": 30.0, "input_psnr": 25.0, "ssim_y": 0.9, "input_ssim_y": 0.8, "num_frames": 5}}))
+
+
+def test_spike_dropout_replaces_whole_samples_with_zero_counts():
+    key = jax.random.key(3)
+    vox = jnp.asarray(np.random.default_rng(0).normal(size=(4000, 2, 3, 3, 2)), jnp.float32)
+    out = np.asarray(train_lib.drop_spikes(vox, key, 0.25, -1.5))
+    dropped = np.all(out == -1.5, axis=(1, 2, 3, 4))
+    kept = np.all(out == np.asarray(vox), axis=(1, 2, 3, 4))
+    assert np.all(dropped ^ kept)                              # a sample is dropped whole or kept whole
+    assert abs(dropped.mean() - 0.25) < 0.03                   # 4000 draws: std of the fraction 0.007
+    np.testing.assert_array_equal(train_lib.drop_spikes(vox, key, 0.0, -1.5), vox)
+
+
+def test_train_step_with_spike_dropout_trains_on_the_dropped_batch():
+    """The step with data.spike_dropout equals the plain step on the batch whose drawn samples have zero counts;
+    the drop-path rng is not changed by it."""
+    config = _toy_config()
+    model = _ToyRestorer(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx, _ = make_optimizer(config)
+    loss = train_lib.make_loss(config)
+    plain = jax.jit(make_train_step(graphdef, loss, tx, use_spike=True))
+    dropping = jax.jit(make_train_step(graphdef, loss, tx, use_spike=True, spike_dropout=0.5, spike_zero=-0.7))
+    rng = np.random.default_rng(1)
+    batch = {"blur": rng.uniform(size=(8, 2, 8, 8, 3)).astype(np.float32),
+             "sharp": rng.uniform(size=(8, 2, 8, 8, 3)).astype(np.float32),
+             "spike_vox": rng.normal(size=(8, 2, 8, 8, 2)).astype(np.float32)}
+    key_data = jax.random.key_data(jax.random.key(0))
+    state = {"step": jnp.int32(5), "opt_state": tx.init(params), "rng": key_data}
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 5)
+    dropped = train_lib.drop_spikes(batch["spike_vox"], jax.random.fold_in(step_key, 0x5D0), 0.5, -0.7)
+    assert 0 < int(np.all(np.asarray(dropped) == -0.7, axis=(1, 2, 3, 4)).sum()) < 8
+    want, _, want_metrics = plain(params, state, dict(batch, spike_vox=dropped), {})
+    got, _, got_metrics = dropping(params, state, batch, {})
+    np.testing.assert_array_equal(got_metrics["loss"], want_metrics["loss"])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("overrides, message", [({"data.spike_dropout": 1.0}, "expected a probability in [0, 1)"),
+                                                ({"data.spike_dropout": 0.3, "model.use_spike": False},
+                                                 "needs a model with spikes")])
+def test_spike_dropout_range_is_checked_at_start(overrides, message):
+    from vrtspike_jax.train import preflight
+
+    config = _toy_config()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    with pytest.raises(preflight.ConfigError, match=re.escape(message)):
+        preflight.check_training(config)

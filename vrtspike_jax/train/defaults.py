@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from data_pipelines import input_pipeline
+from vrtspike_jax.train.param_groups import GROUP_NAMES
 
 placeholder = ml_collections.config_dict.placeholder
 
@@ -65,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.end_learning_rate = 1e-7
     config.optimizer.schedule_steps = placeholder(int)   # cosine horizon; None: total_steps
     config.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
+    # Per parameter group (vrtspike_jax/train/param_groups.py): learning-rate multiplier, and frozen_steps
+    # (0 trains from the start, N > 0 frozen for the first N steps, -1 frozen for the run).
+    config.optimizer.groups = ml_collections.ConfigDict(
+        {name: ml_collections.ConfigDict(dict(lr_multiplier=1.0, frozen_steps=0)) for name in GROUP_NAMES})
 
     config.loss = ml_collections.ConfigDict()
     config.loss.charbonnier_delta = 1e-3

@@ -160,6 +160,31 @@ def check_model(config) -> None:
         raise ConfigError(f"model: {' '.join(str(err).split())}") from None
 
 
+def check_training(config) -> None:
+    """Training options with a valid range: parameter groups (optimizer.groups), data.spike_dropout in [0, 1) and
+    only with spikes."""
+    from vrtspike_jax.train import param_groups
+
+    if _get(config, "optimizer.groups") is not None:
+        settings = param_groups.group_settings(config)
+        try:
+            param_groups.check(settings)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if _get(config, "init.zero_output_conv") and settings["backbone"][1] == param_groups.ALWAYS:
+            raise ConfigError("init.zero_output_conv=True with the backbone frozen for the run "
+                              "(optimizer.groups.backbone.frozen_steps=-1): vrt.conv_last would stay zero, so the "
+                              "output would be the input and no gradient would reach any parameter; set "
+                              "--config.init.zero_output_conv=False (or start from trained weights)")
+    rate = _get(config, "data.spike_dropout")
+    if rate is None:
+        return
+    if not 0.0 <= float(rate) < 1.0:
+        raise ConfigError(f"data.spike_dropout={rate}: expected a probability in [0, 1)")
+    if float(rate) > 0 and not _get(config, "model.use_spike"):
+        raise ConfigError(f"data.spike_dropout={rate} needs a model with spikes (model.use_spike is False)")
+
+
 def user_errors() -> tuple:
     """The exception types that mean a bad config, data, weights file or checkpoint (not a bug): entry points
     print them as one line and exit with status 2."""
@@ -175,8 +200,9 @@ def preflight(config) -> None:
     check_known_keys(config)
     check_files(config)
     check_model(config)
+    check_training(config)
     check_data_root(config)
 
 
-__all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "preflight",
+__all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "check_training", "preflight",
            "user_errors"]

@@ -44,7 +44,7 @@ from flax import nnx
 
 from vrtspike_jax.losses import RestorationLoss
 from vrtspike_jax.models import build_model
-from vrtspike_jax.train import checkpointing, preflight, sharding, validation
+from vrtspike_jax.train import checkpointing, param_groups, preflight, sharding, validation
 from vrtspike_jax.train.run_record import write_run_record
 
 TRAIN_BATCH_KEYS = ("blur", "sharp", "spike_vox")
@@ -123,17 +123,38 @@ def progress_while(what: str, every_seconds: float = 30.0):
 def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping then AdamW (decoupled weight decay on every parameter) with linear warm-up from 0 to
     `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at `optimizer.schedule_steps`
-    (None: `total_steps`). Returns (transformation, schedule)."""
+    (None: `total_steps`); per parameter group frozen or at a learning-rate multiplier (`optimizer.groups`,
+    vrtspike_jax/train/param_groups.py). Returns (transformation, schedule)."""
     opt = config.optimizer
     total = int(_get(config, "optimizer.schedule_steps") or config.total_steps)
     warmup = int(opt.warmup_steps)
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=min(warmup, max(total - 1, 0)),
         decay_steps=max(total, warmup + 1, 1), end_value=float(opt.end_learning_rate))
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
-                                                  eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+
+    def adamw():
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
+                                                     eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+
+    settings = param_groups.group_settings(config)
+    if param_groups.is_default(settings):
+        update = adamw()
+    else:
+        param_groups.check(settings)
+        transforms = {}
+        for multiplier, frozen_steps in set(settings.values()):
+            label = param_groups.label_of((multiplier, frozen_steps))
+            if frozen_steps == param_groups.ALWAYS:
+                transforms[label] = optax.set_to_zero()
+                continue
+            inner = adamw() if multiplier == 1.0 else optax.chain(adamw(), optax.scale(multiplier))
+            if frozen_steps > 0:
+                inner = optax.transforms.conditionally_mask(inner, lambda count, n=frozen_steps: count >= n)
+            transforms[label] = inner
+        update = optax.multi_transform(transforms, lambda params: jax.tree.map(
+            lambda group: param_groups.label_of(settings[group]), param_groups.group_tree(params)))
     clip = float(_get(config, "optimizer.grad_clip_norm", 0.0))
-    tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    tx = optax.chain(optax.clip_by_global_norm(clip), update) if clip > 0 else update
     return tx, schedule
 
 
@@ -155,12 +176,18 @@ def keep_schedule_position(kept_state, updated_state):
     moves on with it, so after k skipped steps the schedule is still at the train step and not k steps behind.
     """
     def pick(kept, updated):
+        if isinstance(kept, optax.transforms.ConditionallyMaskState):   # a group frozen for its first N steps
+            return kept._replace(step=updated.step,
+                                 inner_state=keep_schedule_position(kept.inner_state, updated.inner_state))
         if not _is_injected(kept):
             return kept
         counters = {name: getattr(updated, name) for name in ("count", "hyperparams_states") if hasattr(kept, name)}
         return kept._replace(**counters)
 
-    return jax.tree.map(pick, kept_state, updated_state, is_leaf=_is_injected)
+    def stop(node) -> bool:
+        return _is_injected(node) or isinstance(node, optax.transforms.ConditionallyMaskState)
+
+    return jax.tree.map(pick, kept_state, updated_state, is_leaf=stop)
 
 
 def make_loss(config) -> RestorationLoss:
@@ -176,23 +203,39 @@ def batch_keys(use_spike: bool) -> Tuple[str, ...]:
     return TRAIN_BATCH_KEYS if use_spike else ("blur", "sharp")
 
 
-def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransformation, *, use_spike: bool):
+def drop_spikes(spike_vox: jax.Array, rng: jax.Array, rate: float, zero_value: float) -> jax.Array:
+    """Spike dropout: each sample's spikes `[B, ...]` become `zero_value` (the normalised voxel of zero counts) with
+    probability `rate`, drawn from `rng` (one draw per sample)."""
+    drop = jax.random.bernoulli(rng, rate, (spike_vox.shape[0],))
+    return jnp.where(drop.reshape((-1,) + (1,) * (spike_vox.ndim - 1)), jnp.asarray(zero_value, spike_vox.dtype),
+                     spike_vox)
+
+
+def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransformation, *, use_spike: bool,
+                    spike_dropout: float = 0.0, spike_zero: float = 0.0, gradient_gate=None):
     """The pure train step `(params, train_state, batch, vgg_params) -> (params, train_state, metrics)`.
 
     params: the model's nnx.Param pure dict. train_state: {"step": int32, "opt_state", "rng": uint32 key data}.
     batch: {"blur", "sharp" [B, T, H, W, 3], "spike_vox" [B, T, H/f, W/f, K]}. metrics: float32 scalars
     "loss", "charbonnier", "perceptual", "grad_norm", "learning_rate" and "finite" (1.0 when the update was applied).
     A non-finite step keeps parameters and AdamW state; its schedule position still advances
-    (`keep_schedule_position`).
+    (`keep_schedule_position`). spike_dropout > 0: `drop_spikes` with the value `spike_zero` (data.spike_dropout).
+    gradient_gate: `param_groups.gradient_gate(...)` when parameter groups are frozen (their gradients stop).
     """
 
     def train_step(params, train_state, batch, vgg_params):
         step = train_state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(train_state["rng"]), step)
+        spikes = batch["spike_vox"] if use_spike else None
+        if use_spike and spike_dropout > 0:
+            # A stream of its own (the drop-path rng of the model is unchanged by turning dropout on).
+            spikes = drop_spikes(spikes, jax.random.fold_in(rng, 0x5D0), spike_dropout, spike_zero)
 
         def compute_loss(p):
+            if gradient_gate is not None:
+                p = gradient_gate(p, step)
             model = nnx.merge(graphdef, p)
-            restored = model(batch["blur"], batch["spike_vox"] if use_spike else None, rng=rng)
+            restored = model(batch["blur"], spikes, rng=rng)
             return loss_fn(restored, batch["sharp"], vgg_params)
 
         (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
@@ -232,6 +275,9 @@ class TrainSetup:
     use_spike: bool
     model_mapping: Dict[str, Any]
     vgg_params: Any
+    spike_dropout: float = 0.0
+    spike_zero: float = 0.0     # normalised voxel value of zero counts (set from the data's statistics)
+    gradient_gate: Any = None   # param_groups.gradient_gate when a group is frozen
 
     @property
     def keys(self) -> Tuple[str, ...]:
@@ -265,7 +311,10 @@ class TrainSetup:
         """`jax.jit` of the train step with explicit in/out shardings; params and train_state are donated."""
         repl = sharding.replicated(self.mesh)
         vgg_shardings = jax.tree.map(lambda _: repl, self.vgg_params)
-        return jax.jit(make_train_step(self.graphdef, self.loss_fn, self.tx, use_spike=self.use_spike),
+        step = make_train_step(self.graphdef, self.loss_fn, self.tx, use_spike=self.use_spike,
+                               spike_dropout=self.spike_dropout, spike_zero=self.spike_zero,
+                               gradient_gate=self.gradient_gate)
+        return jax.jit(step,
                        in_shardings=(self.param_shardings, self.train_state_shardings, self.batch_shardings,
                                      vgg_shardings),
                        out_shardings=(self.param_shardings, self.train_state_shardings, repl),
@@ -301,10 +350,14 @@ def build_train_setup(config, mesh: jax.sharding.Mesh) -> TrainSetup:
     abstract_train_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": abstract_opt,
                             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     vgg_params = jax.tree.map(lambda a: sharding.put_global(np.asarray(a), repl), loss_fn.vgg_params)
+    settings = param_groups.group_settings(config)
+    gate = None if param_groups.is_default(settings) else param_groups.gradient_gate(
+        param_groups.group_tree(abstract_params), settings)
     return TrainSetup(config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
                       param_shardings=param_shardings, abstract_train_state=abstract_train_state,
                       train_state_shardings=train_state_shardings, tx=tx, loss_fn=loss_fn,
-                      use_spike=bool(mapping.get("use_spike", True)), model_mapping=mapping, vgg_params=vgg_params)
+                      use_spike=bool(mapping.get("use_spike", True)), model_mapping=mapping, vgg_params=vgg_params,
+                      spike_dropout=float(config.data.spike_dropout), gradient_gate=gate)
 
 
 class StepMetrics:
@@ -489,6 +542,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
     data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
     logging.info("data exclusions: %s", data_counts)
+    setup.spike_zero = -float(train_iter.stats[0]) / float(train_iter.stats[1])   # log1p(0) normalised
 
     if latest is not None:
         last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
