@@ -1,20 +1,30 @@
-r"""Speed and memory of the models: forward and train step, compile time, peak memory, FLOPs, FLOP/s (and MFU).
+r"""Speed and memory of the step training runs and of the forward pass: compile time, peak memory, FLOPs, FLOP/s (MFU).
 
-    python scripts/benchmark.py --model deblur --frames 6 --height 64 --width 64 --mode forward,train
-    python scripts/benchmark.py --model deblur_spike --frames 5 --height 256 --width 256 --dtype bfloat16 \
-        --remat full --json runs/bench.json
+    python scripts/benchmark.py --config configs/baseline.py:vrt_only --frames 6 --height 64 --width 64
+    python scripts/benchmark.py --config configs/baseline.py --frames 5 --height 256 --width 256 --dtype bfloat16 \
+        --json runs/bench.json
+    python scripts/benchmark.py --config configs/baseline.py:frozen_backbone --set optimizer.grad_clip_norm=0
 
-Synthetic inputs of the real shapes (no data pipeline, no TensorFlow/CLU/ml_collections: it runs unchanged on
-the GPU machines). Times are wall-clock medians over --runs calls after --warmup calls, each ended with
-block_until_ready. Peak memory: on accelerators the device's peak bytes in use; on CPU the process's peak
-resident set (VmHWM), reset before each phase so that compile and run peaks are reported separately, and XLA's
-own buffer-assignment figure for the compiled program. FLOPs come from XLA's cost analysis of the compiled
-program; MFU divides the achieved FLOP/s by --peak_tflops (default: 790 TFLOP/s dense bf16 on H100/H200, the
-figure measured on these cards; none on CPU).
+The model, loss and optimizer come from a training config (a configs/*.py file with ':variant' args, plus `--set
+key=value` overrides; the model knobs --dtype, --remat, ... override `model.*`). The train phase compiles and times
+`train_lib.TrainSetup.jit_step()`, the very step `train_and_evaluate` runs: Charbonnier + VGG perceptual loss,
+global-norm clipping, the non-finite guard, parameter groups, spike dropout, the mesh's shardings (all local
+devices) and donated state. Batches are synthetic arrays of the real shapes (no data pipeline, no TensorFlow or
+CLU). Without `loss.vgg_weights` the VGG16 features get random values of torchvision's shapes (the same compute;
+said in the output). The forward phase times the model's inference call (no drop path).
+
+Times are wall-clock medians over --runs calls after --warmup calls, each ended with block_until_ready. Peak
+memory: on accelerators the device's peak bytes in use; on CPU the process's peak resident set (VmHWM), reset before
+each phase so that compile and run peaks are reported separately, and XLA's own buffer-assignment figure for the
+compiled program. FLOPs come from XLA's cost analysis of the compiled program; MFU divides the achieved FLOP/s by
+--peak_tflops (default: 790 TFLOP/s dense bf16 on H100/H200, the figure measured on these cards; none on CPU).
+Exit status 2 with one line for a bad flag or config.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import json
 import os
 import platform
@@ -24,36 +34,19 @@ import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Importing the package first sets its XLA:CPU options (vrtspike_jax/runtime.py) before jax starts.
-import vrtspike_jax  # noqa: E402,F401
+import vrtspike_jax  # noqa: F401
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from vrtspike_jax import cli  # noqa: E402
-from vrtspike_jax.models.vrt import preset  # noqa: E402
-from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig, part_parameter_counts  # noqa: E402
 
-TINY = dict(depths=(2,) * 7 + (1, 1), embed_dims=(16,) * 7 + (24, 24), num_heads=(2,) * 7 + (3, 3),
-            deformable_groups=4, indep_reconsts=(8,))
-
-# Named models: (VRT preset, VRT architecture overrides, spike settings)
-MODELS = {
-    "deblur": ("deblur", {}, dict(use_spike=False)),
-    "deblur_spike": ("deblur", {}, dict(use_spike=True, fuse_stages=(1, 2, 3, 4, 5, 6, 7))),
-    "deblur_spike14": ("deblur", {}, dict(use_spike=True, fuse_stages=(1, 2, 3, 4))),
-    "vrt120": ("deblur", dict(embed_dims=(120,) * 7 + (120,) * 4, deformable_groups=12), dict(use_spike=False)),
-    "vrt120_spike": ("deblur", dict(embed_dims=(120,) * 7 + (120,) * 4, deformable_groups=12),
-                     dict(use_spike=True)),
-    "small": ("small_fixture", {}, dict(use_spike=False)),
-    "small_spike": ("small_fixture", {}, dict(use_spike=True)),
-    "tiny_spike": ("small_fixture", TINY, dict(use_spike=True)),
-}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Flags that override `model.<field>` of the config (None: keep the config's value).
+MODEL_KNOBS = ("dtype", "remat", "remat_stages", "scan_blocks", "attention_chunk_windows", "attention_per_head",
+               "alignment_chunk")
 
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
@@ -91,17 +84,6 @@ def _device_peak_bytes():
 
 def _gib(value):
     return None if value is None else value / 2 ** 30
-
-
-def build(args):
-    vrt_preset, overrides, spike = MODELS[args.model]
-    overrides = dict(overrides)
-    overrides.update(remat=args.remat, remat_stages=bool(args.remat_stages), scan_blocks=args.scan_blocks,
-                     attention_chunk_windows=args.attention_chunk_windows,
-                     attention_per_head=bool(args.attention_per_head), alignment_chunk=args.alignment_chunk,
-                     dtype=None if args.dtype == "float32" else args.dtype)
-    config = VRTWithSpikeConfig(vrt=preset(vrt_preset, **overrides), spike_bins=args.spike_bins, **spike)
-    return VRTWithSpike(config, rngs=nnx.Rngs(0))
 
 
 def _measure(fn, argsets, runs, warmup):
@@ -164,6 +146,58 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
                 device_peak_bytes=_device_peak_bytes())
 
 
+def load_config(spec: str, sets):
+    """`path[:variants]` -> the config (`get_config(variants)`), with `key=value` overrides typed like the default."""
+    path, _, variants = spec.partition(":")
+    file = Path(path) if Path(path).exists() else REPO_ROOT / path
+    if not file.exists():
+        raise ValueError(f"--config {spec}: config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location("benchmark_config", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variants or None)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item}: expected key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        parent = config
+        for part in key.split(".")[:-1]:
+            if part not in parent:
+                raise ValueError(f"--set {item}: unknown config key {key!r}")
+            parent = parent[part]
+        name = key.split(".")[-1]
+        if name not in parent:
+            raise ValueError(f"--set {item}: unknown config key {key!r}")
+        try:
+            parent[name] = value
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--set {item}: {err}") from None
+    return config
+
+
+def configure(args):
+    """The training config of the flags (ConfigError / ValueError for a bad one)."""
+    from vrtspike_jax.train import preflight
+
+    config = load_config(args.config, args.set)
+    config.global_batch_size = args.batch
+    config.data.clip_length = args.frames
+    if args.spike_bins is not None:
+        config.data.num_bins = args.spike_bins
+    for knob in MODEL_KNOBS:
+        value = getattr(args, knob)
+        if value is not None:
+            config.model[knob] = None if (knob == "dtype" and value == "float32") else value
+    preflight.check_known_keys(config)
+    preflight.check_model(config)
+    preflight.check_training(config)
+    return config
+
+
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Bad flags end the run before anything is built: one line naming the flag and its value, exit status 2."""
     from vrtspike_jax.models.vrt.config import check_input_shape
@@ -173,10 +207,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if unknown or not modes:
         parser.error(f"--mode {args.mode!r}: expected a comma list of forward, train")
     for name in ("batch", "spike_bins"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("runs", "warmup", "remat_stages", "attention_chunk_windows", "alignment_chunk"):
-        if getattr(args, name) < 0:
+    for name in ("runs", "warmup", "attention_chunk_windows", "alignment_chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.runs == 0 and args.warmup > 0:
         parser.error("--runs 0 compiles only: give --warmup 0 as well")
@@ -184,30 +218,39 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         check_input_shape((args.batch, args.frames, args.height, args.width, 3))
     except ValueError as err:
         parser.error(f"--frames {args.frames} --height {args.height} --width {args.width}: {err}")
-    spike_scale = MODELS[args.model][2].get("spike_scale", 1)
-    if args.height % spike_scale or args.width % spike_scale:
-        parser.error(f"--height {args.height} --width {args.width}: model {args.model} has spike_scale "
-                     f"{spike_scale}, which must divide both")
 
 
-def main(argv=None):
-    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deblur", choices=sorted(MODELS))
+def _flag_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/baseline.py",
+                        help="training config file with ':variant' args (default: configs/baseline.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set optimizer.grad_clip_norm=0 (repeatable)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--spike_bins", type=int, default=32)
+    parser.add_argument("--spike_bins", type=int, default=None, help="K (default: the config's data.num_bins)")
     parser.add_argument("--mode", default="forward,train", help="comma list of: forward, train")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", default="full", choices=["none", "full", "dots_saveable",
-                                                            "dots_with_no_batch_dims_saveable"])
-    parser.add_argument("--remat_stages", type=int, default=0,
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="compute dtype (default: the config's model.dtype, 'auto' = bfloat16 on accelerators)")
+    parser.add_argument("--remat", default=None, choices=["none", "full", "dots_saveable",
+                                                          "dots_with_no_batch_dims_saveable"])
+    parser.add_argument("--remat_stages", type=_flag_bool, default=None,
                         help="1: also rematerialise each stage as a whole (leanest training memory, one more forward)")
-    parser.add_argument("--scan_blocks", type=int, default=1)
-    parser.add_argument("--attention_chunk_windows", type=int, default=0)
-    parser.add_argument("--attention_per_head", type=int, default=1)
-    parser.add_argument("--alignment_chunk", type=int, default=0)
+    parser.add_argument("--scan_blocks", type=_flag_bool, default=None)
+    parser.add_argument("--attention_chunk_windows", type=int, default=None)
+    parser.add_argument("--attention_per_head", type=_flag_bool, default=None)
+    parser.add_argument("--alignment_chunk", type=int, default=None)
     parser.add_argument("--runs", type=int, default=3,
                         help="timed calls; --runs 0 --warmup 0 compiles only (compile time, FLOPs, XLA's memory plan: "
                              "for shapes that do not fit this host)")
@@ -216,9 +259,26 @@ def main(argv=None):
                         help="jax_default_matmul_precision for float32 matmuls (TF32 on GPUs unless 'highest')")
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    args.scan_blocks = bool(args.scan_blocks)
+    from vrtspike_jax import losses
+    from vrtspike_jax.train import param_groups, preflight, sharding, train_lib
+
+    try:
+        config = configure(args)
+        mesh = sharding.make_mesh(config.mesh)
+        sharding.check_batch_size(args.batch, mesh, jax.process_count())
+    except (ValueError, preflight.ConfigError) as err:
+        cli.exit_with_error(err)
+    spike_scale = int(config.data.spike_scale)
+    if args.height % spike_scale or args.width % spike_scale:
+        cli.exit_with_error(f"--height {args.height} --width {args.width}: the config's data.spike_scale "
+                            f"{spike_scale} must divide both")
     jax.config.update("jax_default_matmul_precision", args.precision)
 
     device = jax.local_devices()[0]
@@ -226,69 +286,75 @@ def main(argv=None):
     peak_tflops = args.peak_tflops
     if peak_tflops is None:
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    model = build(args)
-    counts = part_parameter_counts(model)
-    graphdef, params = nnx.split(model, nnx.Param)
+    vgg_note = None
+    vgg_params = None
+    if float(config.loss.perceptual_weight) != 0 and not config.loss.vgg_weights:
+        vgg_params = losses.vgg_params_from_state(losses.random_vgg_state(
+            str(config.loss.vgg_network), tuple(config.loss.vgg_layers)), str(config.loss.vgg_network),
+            tuple(config.loss.vgg_layers))
+        vgg_note = "VGG features with random values (no loss.vgg_weights): the same compute as the real weights"
+    setup = train_lib.build_train_setup(config, mesh, vgg_params=vgg_params)
+    host_params = train_lib._host_init(config, setup.model_mapping)
+    settings = param_groups.group_settings(config)
+    counts = param_groups.trainable_count(host_params, settings)
     rng = np.random.default_rng(0)
-    f = model.config.spike_scale
+    k = int(config.data.num_bins)
     shape = (args.batch, args.frames, args.height, args.width, 3)
-    spike_shape = (args.batch, args.frames, args.height // f, args.width // f, args.spike_bins)
+    spike_shape = (args.batch, args.frames, args.height // spike_scale, args.width // spike_scale, k)
 
-    def make_inputs(i):
-        frames = jnp.asarray(rng.random(shape, np.float32))
-        spikes = jnp.asarray(rng.standard_normal(spike_shape).astype(np.float32)) if model.config.use_spike \
-            else None
-        return frames, spikes
+    def host_batch():
+        batch = {"blur": rng.random(shape, np.float32), "sharp": rng.random(shape, np.float32)}
+        if setup.use_spike:
+            batch["spike_vox"] = rng.standard_normal(spike_shape).astype(np.float32)
+        return batch
 
-    inputs = [make_inputs(i) for i in range(2)]
-    target = jnp.asarray(rng.random(shape, np.float32))
+    batches = [sharding.global_batch(host_batch(), mesh, setup.keys) for _ in range(2)]
     results = []
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
 
     if "forward" in modes:
+        graphdef = setup.graphdef
+        params = sharding.put_global(host_params, setup.param_shardings)
+
         @jax.jit
         def forward(params, frames, spikes):
             return nnx.merge(graphdef, params)(frames, spikes)
 
-        results.append(run_phase("forward", forward, lambda i: (params,) + inputs[i % 2], args, peak_tflops))
+        def forward_args(i):
+            b = batches[i % 2]
+            return params, b["blur"], b.get("spike_vox")
+
+        results.append(run_phase("forward", forward, forward_args, args, peak_tflops))
+        del params
 
     if "train" in modes:
-        optimizer = optax.adamw(2e-4, b1=0.9, b2=0.99, weight_decay=1e-4)
-        opt_state = optimizer.init(params)
-
-        def loss_fn(p, frames, spikes, key):
-            out = nnx.merge(graphdef, p)(frames, spikes, rng=key)
-            return jnp.mean(jnp.sqrt((out - target) ** 2 + 1e-6))
-
-        def train_step(p, opt_state, frames, spikes, key):
-            loss, grads = jax.value_and_grad(loss_fn)(p, frames, spikes, key)
-            updates, opt_state = optimizer.update(grads, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, loss
-
-        step = jax.jit(train_step, donate_argnums=(0, 1))
-        state = {"params": params, "opt": opt_state}
+        params, train_state = setup.init_state(host_params, int(config.seed))
+        state = {"params": params, "train_state": train_state}
 
         def make_args(i):
-            return (state["params"], state["opt"]) + inputs[i % 2] + (jax.random.key(i),)
+            return state["params"], state["train_state"], batches[i % 2], setup.vgg_params
 
-        def call(compiled, p, o, frames, spikes, key):
-            state["params"], state["opt"], loss = compiled(p, o, frames, spikes, key)
-            return loss
+        def call(compiled, p, t, batch, vgg):
+            state["params"], state["train_state"], metrics = compiled(p, t, batch, vgg)
+            return metrics["loss"]
 
-        results.append(run_phase("train", step, make_args, args, peak_tflops, call=call))
+        results.append(run_phase("train", setup.jit_step(), make_args, args, peak_tflops, call=call))
 
-    header = dict(model=args.model, parameters=counts, input=list(shape), spike_input=list(spike_shape)
-                  if model.config.use_spike else None, dtype=args.dtype, remat=args.remat,
-                  remat_stages=bool(args.remat_stages), scan_blocks=args.scan_blocks,
-                  attention_chunk_windows=args.attention_chunk_windows,
-                  attention_per_head=bool(args.attention_per_head),
-                  alignment_chunk=args.alignment_chunk, precision=args.precision, runs=args.runs,
-                  warmup=args.warmup, device=kind, platform=device.platform, device_count=jax.device_count(),
-                  jax=jax.__version__, python=platform.python_version(), host=platform.node(),
-                  cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(f"model {args.model} ({sum(counts.values()):,} parameters), input {shape}, {args.dtype}, remat "
-          f"{args.remat}, on {kind} x{jax.device_count()} (jax {jax.__version__})")
+    header = dict(config=args.config, sets=list(args.set), parameters=counts, input=list(shape),
+                  spike_input=list(spike_shape) if setup.use_spike else None,
+                  dtype=str(setup.model_mapping.get("dtype") or "float32"),
+                  model={knob: config.model[knob] for knob in MODEL_KNOBS if knob != "dtype"},
+                  loss=dict(perceptual_weight=float(config.loss.perceptual_weight), vgg=vgg_note or
+                            config.loss.vgg_weights), grad_clip_norm=float(config.optimizer.grad_clip_norm),
+                  precision=args.precision, runs=args.runs, warmup=args.warmup, device=kind,
+                  platform=device.platform, device_count=jax.device_count(), jax=jax.__version__,
+                  python=platform.python_version(), host=platform.node(), cpu_count=os.cpu_count(),
+                  xla_flags=os.environ.get("XLA_FLAGS", ""), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(f"config {args.config} {' '.join('--set ' + s for s in args.set)} ({counts['total']:,} parameters, "
+          f"{counts['trainable']:,} trained), input {shape}, {header['dtype']}, remat {config.model.remat}, on "
+          f"{kind} x{jax.device_count()} (jax {jax.__version__})")
+    if vgg_note:
+        print(f"note: {vgg_note}")
     cols = ["phase", "compile s", "median s", "runs s", "TFLOP/step", "TFLOP/s", "MFU", "XLA temp GiB",
             "RSS before run GiB", "peak RSS run GiB", "peak RSS compile GiB", "device peak GiB"]
     print(" | ".join(cols))
@@ -304,7 +370,7 @@ def main(argv=None):
                           fmt(_gib(r["device_peak_bytes"]))]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 

@@ -27,7 +27,6 @@ import copy
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence

@@ -1,5 +1,6 @@
-"""scripts/benchmark.py runs and reports what docs/PERFORMANCE.md quotes (tiny model, one timed call), and its
-compile-only mode reports XLA's plan without running."""
+"""scripts/benchmark.py runs and reports what docs/PERFORMANCE.md quotes (tiny model, one timed call), its train
+phase is the training step (train_lib's, same loss, clipping, groups), and its compile-only mode reports XLA's plan
+without running."""
 import importlib.util
 import json
 
@@ -20,13 +21,17 @@ def bench_script():
     jax.config.update("jax_default_matmul_precision", precision)
 
 
+TINY = ["--config", "configs/baseline.py:tiny", "--frames", "2", "--batch", "1"]
+
+
 def test_benchmark_reports_time_flops_and_memory(bench_script, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_script.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
-                           "--runs", "1", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
+    assert bench_script.main(TINY + ["--mode", "forward", "--runs", "1", "--warmup", "0", "--remat", "none",
+                                     "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["input"] == [1, 2, 64, 64, 3] and report["spike_input"] == [1, 2, 64, 64, 4]
-    assert report["parameters"]["spike_encoder"] > 0 and report["parameters"]["vrt"] > 0
+    assert report["parameters"]["spike_encoder"] > 0 and report["parameters"]["backbone"] > 0
+    assert report["parameters"]["trainable"] == report["parameters"]["total"] and report["model"]["remat"] == "none"
     (forward,) = report["results"]
     assert forward["phase"] == "forward" and len(forward["times_s"]) == 1 and forward["median_s"] > 0
     assert forward["flops"] > 1e8 and forward["xla_memory_bytes"]["temp"] > 0
@@ -36,8 +41,8 @@ def test_benchmark_reports_time_flops_and_memory(bench_script, tmp_path, capsys)
 
 def test_compile_only_mode(bench_script, tmp_path):
     out = tmp_path / "compile.json"
-    assert bench_script.main(["--model", "tiny_spike", "--frames", "2", "--spike_bins", "4", "--mode", "forward",
-                           "--runs", "0", "--warmup", "0", "--remat", "none", "--json", str(out)]) == 0
+    assert bench_script.main(TINY + ["--mode", "forward", "--runs", "0", "--warmup", "0", "--remat", "none",
+                                     "--json", str(out)]) == 0
     (forward,) = json.loads(out.read_text())["results"]
     assert forward["times_s"] == [] and forward["median_s"] is None and forward["peak_rss_run_bytes"] is None
     assert forward["compile_s"] > 0 and forward["flops"] > 1e8
@@ -49,12 +54,47 @@ def test_compile_only_mode(bench_script, tmp_path):
     (["--mode", "fwd"], "--mode 'fwd': expected a comma list of forward, train"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
     (["--runs", "0"], "--runs 0 compiles only: give --warmup 0 as well"),
-    (["--model", "nope"], "invalid choice: 'nope'"),
+    (["--remat", "nope"], "invalid choice: 'nope'"),
+    (["--config", "configs/baseline.py:nope"], "unknown variant 'nope'"),
+    (["--config", "configs/nope.py"], "--config configs/nope.py: config file configs/nope.py not found"),
+    (["--set", "optimizer.lr=1"], "--set optimizer.lr=1: unknown config key 'optimizer.lr'"),
+    (["--set", "optimizer.groups.fusion.lr_multiplier=-1"], "lr_multiplier=-1: expected >= 0"),
+    (["--set", "mesh.data=2"], "mesh data=2 x fsdp=1 = 2 devices, but 1 devices are available"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_is_built(bench_script, capsys, monkeypatch, flags, fragment):
-    monkeypatch.setattr(bench_script, "build", lambda args: pytest.fail("built a model for bad flags"))
+    from vrtspike_jax.train import train_lib
+
+    monkeypatch.setattr(train_lib, "build_train_setup", lambda *a, **k: pytest.fail("built a model for bad flags"))
     with pytest.raises(SystemExit) as exit_info:
         bench_script.main(flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: benchmark.py: ") and fragment in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_the_train_phase_is_the_training_step(bench_script, tmp_path, monkeypatch):
+    """The benchmark compiles `TrainSetup.jit_step()` of the config (not a step of its own): the loss it returns
+    is the training step's on the same batch, VGG term included (random VGG weights without a file)."""
+    import numpy as np
+
+    from vrtspike_jax.train import train_lib
+
+    compiled_steps = []
+    original = train_lib.TrainSetup.jit_step
+
+    def spy(self):
+        compiled_steps.append(self)
+        return original(self)
+
+    monkeypatch.setattr(train_lib.TrainSetup, "jit_step", spy)
+    out = tmp_path / "train.json"
+    assert bench_script.main(TINY + ["--mode", "train", "--runs", "1", "--warmup", "0", "--set",
+                                     "loss.perceptual_weight=0.1", "--set", "optimizer.groups.backbone.frozen_steps=-1",
+                                     "--set", "init.zero_output_conv=False", "--json", str(out)]) == 0
+    (setup,) = compiled_steps
+    assert setup.loss_fn.perceptual_weight == 0.1 and setup.vgg_params and setup.gradient_gate is not None
+    report = json.loads(out.read_text())
+    assert "random values" in report["loss"]["vgg"] and report["grad_clip_norm"] == 1.0
+    assert report["parameters"]["trainable"] == report["parameters"]["total"] - report["parameters"]["backbone"]
+    (train,) = report["results"]
+    assert train["phase"] == "train" and train["median_s"] > 0 and np.isfinite(train["flops"])

@@ -250,3 +250,21 @@ def test_two_processes_match_one_process_write_their_parts_and_resume(reference_
     assert pair["num_frames"] == single["num_frames"] == 4 and pair["process_count"] == 2
     assert pair["psnr"] == pytest.approx(single["psnr"], abs=1e-4)
     assert pair["ssim_y"] == pytest.approx(single["ssim_y"], abs=1e-6)
+
+
+def test_warm_up_and_spike_dropout_resume_exactly_across_the_unfreeze(shared, tmp_path):
+    """KAIR-style warm-up (the deformable convolutions frozen for the first 3 steps, then 0.125x) with spike dropout:
+    a run stopped at step 2 (N - 1) and resumed to 4 logs the same losses as the uninterrupted run, step by step."""
+    overrides = testing.tiny_overrides(shared["embedded"], shared["cache"], total_steps=4, **{
+        "optimizer.groups.deform.frozen_steps": 3, "optimizer.groups.deform.lr_multiplier": 0.125,
+        "data.spike_dropout": 0.5, "eval.max_clips": 0})
+    straight = tmp_path / "straight"
+    testing.run_main(straight, "tiny", overrides)
+    stopped = tmp_path / "stopped"
+    testing.run_main(stopped, "tiny", dict(overrides, total_steps=2))
+    testing.run_main(stopped, "tiny", overrides)
+    starts = [json.loads(r.read_text())["start_step"] for r in sorted((stopped / "run_records").glob("run_*.json"))]
+    assert starts == [0, 2]
+    reference = testing.losses_by_step(straight / "train_metrics.jsonl")
+    assert sorted(reference) == [1, 2, 3, 4]
+    assert testing.losses_by_step(stopped / "train_metrics.jsonl") == reference

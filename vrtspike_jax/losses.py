@@ -131,6 +131,21 @@ def vgg_params_from_state(state: Mapping[str, np.ndarray], network: str = "vgg16
     return params
 
 
+def random_vgg_state(network: str = "vgg16", layers: Sequence[str] = ("relu3_3",), seed: int = 0) -> dict:
+    """A torchvision-shaped `features` state_dict of random values for the convs `layers` need: the perceptual term's
+    exact compute without the weights file (scripts/benchmark.py times the training step with it)."""
+    rng = np.random.default_rng(seed)
+    deepest = max(_check_layer_names(network, layers))
+    state = {}
+    for layer in _vgg_layers(network)[: deepest + 1]:
+        if layer.kind == "conv":
+            fan_in = layer.in_channels * 9
+            state[f"features.{layer.index}.weight"] = (rng.standard_normal(
+                (layer.out_channels, layer.in_channels, 3, 3)) / np.sqrt(fan_in)).astype(np.float32)
+            state[f"features.{layer.index}.bias"] = np.zeros(layer.out_channels, np.float32)
+    return state
+
+
 def load_vgg_params(path: str | os.PathLike, network: str = "vgg16",
                     layers: Sequence[str] = ("relu3_3",), prefix: str = "") -> dict[str, dict[str, jax.Array]]:
     """`vgg_params_from_state` on a local `.npz` (made by scripts/convert_vgg_weights.py). No downloads."""

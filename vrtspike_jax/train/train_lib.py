@@ -190,13 +190,14 @@ def keep_schedule_position(kept_state, updated_state):
     return jax.tree.map(pick, kept_state, updated_state, is_leaf=stop)
 
 
-def make_loss(config) -> RestorationLoss:
-    """The training loss of `config.loss` (a missing VGG weights file with a non-zero weight fails here)."""
+def make_loss(config, vgg_params=None) -> RestorationLoss:
+    """The training loss of `config.loss` (a missing VGG weights file with a non-zero weight fails here; `vgg_params`
+    given: those VGG weights instead of the file's, e.g. `losses.random_vgg_state` for the benchmark)."""
     loss = config.loss
     return RestorationLoss(charbonnier_delta=float(loss.charbonnier_delta),
                            perceptual_weight=float(loss.perceptual_weight), vgg_weights=_get(config, "loss.vgg_weights"),
                            vgg_network=str(loss.vgg_network), vgg_layers=tuple(loss.vgg_layers),
-                           vgg_distance=str(loss.vgg_distance))
+                           vgg_distance=str(loss.vgg_distance), vgg_params=vgg_params)
 
 
 def batch_keys(use_spike: bool) -> Tuple[str, ...]:
@@ -335,10 +336,10 @@ class TrainSetup:
         return compiled, time.perf_counter() - start, _memory_summary(compiled)
 
 
-def build_train_setup(config, mesh: jax.sharding.Mesh) -> TrainSetup:
+def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> TrainSetup:
     """The loss (a missing VGG weights file fails here), the model's abstract parameters and their shardings, the
-    optimizer and its state's shardings, for `config` on `mesh`."""
-    loss_fn = make_loss(config)
+    optimizer and its state's shardings, for `config` on `mesh` (`vgg_params`: see `make_loss`)."""
+    loss_fn = make_loss(config, vgg_params)
     mapping = checkpointing.model_mapping(config.model)
     graphdef, abstract_params = checkpointing.abstract_model(mapping)
     param_shardings = sharding.tree_shardings(abstract_params, mesh, config.mesh)
