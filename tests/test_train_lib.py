@@ -316,3 +316,24 @@ def test_spike_dropout_range_is_checked_at_start(overrides, message):
         config[section][name] = value
     with pytest.raises(preflight.ConfigError, match=re.escape(message)):
         preflight.check_training(config)
+
+
+def test_ema_follows_a_numpy_reference_and_holds_on_skipped_steps():
+    config = _toy_config()
+    model = _ToyRestorer(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx, _ = make_optimizer(config)
+    step = jax.jit(make_train_step(graphdef, train_lib.make_loss(config), tx, use_spike=True, ema_decay=0.9))
+    state = {"step": jnp.int32(0), "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
+             "ema": jax.tree.map(jnp.array, params)}
+    _, _, _, batch = _toy_setup()
+    bad = dict(batch, spike_vox=np.full_like(batch["spike_vox"], np.nan))
+    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    for inputs in (batch, batch, bad, batch):
+        params, state, metrics = step(params, state, inputs, {})
+        if float(metrics["finite"]):
+            expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * np.asarray(p, np.float64), expected, params)
+    for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(state["ema"]["linear"]["kernel"], params["linear"]["kernel"])

@@ -252,12 +252,13 @@ def test_two_processes_match_one_process_write_their_parts_and_resume(reference_
     assert pair["ssim_y"] == pytest.approx(single["ssim_y"], abs=1e-6)
 
 
-def test_warm_up_and_spike_dropout_resume_exactly_across_the_unfreeze(shared, tmp_path):
-    """KAIR-style warm-up (the deformable convolutions frozen for the first 3 steps, then 0.125x) with spike dropout:
-    a run stopped at step 2 (N - 1) and resumed to 4 logs the same losses as the uninterrupted run, step by step."""
+def test_warm_up_spike_dropout_and_ema_resume_exactly_across_the_unfreeze(shared, tmp_path):
+    """KAIR-style warm-up (the deformable convolutions frozen for the first 3 steps, then 0.125x) with spike dropout
+    and an EMA: a run stopped at step 2 (N - 1) and resumed to 4 logs the same losses as the uninterrupted run, step
+    by step, validates the same EMA, and the restorer loads the EMA from `last` and `best`."""
     overrides = testing.tiny_overrides(shared["embedded"], shared["cache"], total_steps=4, **{
         "optimizer.groups.deform.frozen_steps": 3, "optimizer.groups.deform.lr_multiplier": 0.125,
-        "data.spike_dropout": 0.5, "eval.max_clips": 0})
+        "data.spike_dropout": 0.5, "optimizer.ema_decay": 0.5, "eval.triptych_every_steps": 0})
     straight = tmp_path / "straight"
     testing.run_main(straight, "tiny", overrides)
     stopped = tmp_path / "stopped"
@@ -268,3 +269,28 @@ def test_warm_up_and_spike_dropout_resume_exactly_across_the_unfreeze(shared, tm
     reference = testing.losses_by_step(straight / "train_metrics.jsonl")
     assert sorted(reference) == [1, 2, 3, 4]
     assert testing.losses_by_step(stopped / "train_metrics.jsonl") == reference
+    val = [json.loads((run / "metrics" / "val_step_0000004.json").read_text())["psnr"] for run in (straight, stopped)]
+    assert val[0] == val[1]
+    import orbax.checkpoint as ocp
+
+    from vrtspike_jax.train import checkpointing
+
+    last = [jax.tree.leaves(nnx_params(checkpointing.load_model_from_checkpoint(run, which="last")[0]))
+            for run in (straight, stopped)]
+    assert all(np.array_equal(a, b) for a, b in zip(*last))
+    with ocp.StandardCheckpointer() as checkpointer:   # the raw parameters differ from the EMA the restorer loads
+        raw = checkpointer.restore(straight / "checkpoints" / "last" / "4" / "params")
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), last[0]))
+    # `best` (step 2 or 4, whichever validated better) holds the EMA of its step, as the `last` checkpoint of that
+    # step does (checkpoints every 2 steps, 3 kept).
+    (best_dir,) = [p for p in (straight / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    best = jax.tree.leaves(nnx_params(checkpointing.load_model_from_checkpoint(best_dir)[0]))
+    same_step = jax.tree.leaves(nnx_params(checkpointing.load_model_from_checkpoint(
+        straight / "checkpoints" / "last" / best_dir.name)[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(best, same_step))
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -274,11 +275,30 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
+    ema_decay = float((config_dict.get("optimizer") or {}).get("ema_decay") or 0.0)
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(step_dir / "params", target)
+        if ema_decay > 0 and (step_dir / "train_state").is_dir():
+            # A `last` checkpoint of a run with an EMA: the EMA (in its train state) is the model to restore, as
+            # validation and `best` use it (a `best` checkpoint's params already are the EMA).
+            params = checkpointer.restore(step_dir / "train_state", _abstract_train_state(config, target, sharding))["ema"]
+            what = f"EMA (decay {ema_decay:g}) parameters"
+        else:
+            params = checkpointer.restore(step_dir / "params", target)
+            what = "EMA parameters" if ema_decay > 0 else "model parameters"
     model = nnx.merge(graphdef, params)
-    logging.info("loaded model parameters from %s", step_dir)
+    logging.info("loaded %s from %s", what, step_dir)
     return model, config
+
+
+def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
+    """The train state's restore target of `config` (train_lib's layout) on one device."""
+    from vrtspike_jax.train import train_lib
+
+    tx, _ = train_lib.make_optimizer(config)
+    on_device = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+    return {"step": on_device(jax.ShapeDtypeStruct((), jnp.int32)),
+            "opt_state": jax.tree.map(on_device, jax.eval_shape(tx.init, abstract_params)),
+            "rng": on_device(jax.ShapeDtypeStruct((2,), jnp.uint32)), "ema": abstract_params}
 
 
 __all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints", "abstract_model",

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.end_learning_rate = 1e-7
     config.optimizer.schedule_steps = placeholder(int)   # cosine horizon; None: total_steps
     config.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
+    # > 0 (e.g. 0.999): an exponential moving average of the parameters, updated after every applied step; validation,
+    # `best` and the restorer use it. 0: none.
+    config.optimizer.ema_decay = 0.0
     # Per parameter group (vrtspike_jax/train/param_groups.py): learning-rate multiplier, and frozen_steps
     # (0 trains from the start, N > 0 frozen for the first N steps, -1 frozen for the run).
     config.optimizer.groups = ml_collections.ConfigDict(

@@ -176,6 +176,9 @@ def check_training(config) -> None:
                               "(optimizer.groups.backbone.frozen_steps=-1): vrt.conv_last would stay zero, so the "
                               "output would be the input and no gradient would reach any parameter; set "
                               "--config.init.zero_output_conv=False (or start from trained weights)")
+    decay = _get(config, "optimizer.ema_decay")
+    if decay is not None and not 0.0 <= float(decay) < 1.0:
+        raise ConfigError(f"optimizer.ema_decay={decay}: expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")
     rate = _get(config, "data.spike_dropout")
     if rate is None:
         return

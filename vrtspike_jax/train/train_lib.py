@@ -213,7 +213,7 @@ def drop_spikes(spike_vox: jax.Array, rng: jax.Array, rate: float, zero_value: f
 
 
 def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransformation, *, use_spike: bool,
-                    spike_dropout: float = 0.0, spike_zero: float = 0.0, gradient_gate=None):
+                    spike_dropout: float = 0.0, spike_zero: float = 0.0, gradient_gate=None, ema_decay: float = 0.0):
     """The pure train step `(params, train_state, batch, vgg_params) -> (params, train_state, metrics)`.
 
     params: the model's nnx.Param pure dict. train_state: {"step": int32, "opt_state", "rng": uint32 key data}.
@@ -222,6 +222,8 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
     A non-finite step keeps parameters and AdamW state; its schedule position still advances
     (`keep_schedule_position`). spike_dropout > 0: `drop_spikes` with the value `spike_zero` (data.spike_dropout).
     gradient_gate: `param_groups.gradient_gate(...)` when parameter groups are frozen (their gradients stop).
+    ema_decay > 0: train_state["ema"] (a parameter tree) becomes `decay * ema + (1 - decay) * new params` after every
+    applied update (optax.incremental_update); a skipped step leaves it as it was.
     """
 
     def train_step(params, train_state, batch, vgg_params):
@@ -251,6 +253,9 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
                    "grad_norm": grad_norm, "learning_rate": learning_rate_of(updated_opt_state),
                    "finite": finite.astype(jnp.float32)}
         new_train_state = {"step": step + 1, "opt_state": new_opt_state, "rng": train_state["rng"]}
+        if ema_decay > 0:
+            moved = optax.incremental_update(new_params, train_state["ema"], step_size=1.0 - ema_decay)
+            new_train_state["ema"] = keep(moved, train_state["ema"])
         return new_params, new_train_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
     return train_step
@@ -279,6 +284,7 @@ class TrainSetup:
     spike_dropout: float = 0.0
     spike_zero: float = 0.0     # normalised voxel value of zero counts (set from the data's statistics)
     gradient_gate: Any = None   # param_groups.gradient_gate when a group is frozen
+    ema_decay: float = 0.0      # > 0: train_state["ema"], an exponential moving average of the parameters
 
     @property
     def keys(self) -> Tuple[str, ...]:
@@ -306,6 +312,8 @@ class TrainSetup:
         rng = np.asarray(jax.random.key_data(jax.random.key(int(seed))), np.uint32)
         train_state = {"step": sharding.put_global(np.int32(0), repl), "opt_state": opt_state,
                        "rng": sharding.put_global(rng, repl)}
+        if self.ema_decay > 0:   # its own buffers (params are donated to the step)
+            train_state["ema"] = sharding.put_global(host_params, self.param_shardings)
         return params, train_state
 
     def jit_step(self):
@@ -314,7 +322,7 @@ class TrainSetup:
         vgg_shardings = jax.tree.map(lambda _: repl, self.vgg_params)
         step = make_train_step(self.graphdef, self.loss_fn, self.tx, use_spike=self.use_spike,
                                spike_dropout=self.spike_dropout, spike_zero=self.spike_zero,
-                               gradient_gate=self.gradient_gate)
+                               gradient_gate=self.gradient_gate, ema_decay=self.ema_decay)
         return jax.jit(step,
                        in_shardings=(self.param_shardings, self.train_state_shardings, self.batch_shardings,
                                      vgg_shardings),
@@ -350,6 +358,10 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
                              "rng": repl}
     abstract_train_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": abstract_opt,
                             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    ema_decay = float(config.optimizer.ema_decay)
+    if ema_decay > 0:
+        abstract_train_state["ema"] = abstract_params
+        train_state_shardings["ema"] = param_shardings
     vgg_params = jax.tree.map(lambda a: sharding.put_global(np.asarray(a), repl), loss_fn.vgg_params)
     settings = param_groups.group_settings(config)
     gate = None if param_groups.is_default(settings) else param_groups.gradient_gate(
@@ -358,7 +370,7 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
                       param_shardings=param_shardings, abstract_train_state=abstract_train_state,
                       train_state_shardings=train_state_shardings, tx=tx, loss_fn=loss_fn,
                       use_spike=bool(mapping.get("use_spike", True)), model_mapping=mapping, vgg_params=vgg_params,
-                      spike_dropout=float(config.data.spike_dropout), gradient_gate=gate)
+                      spike_dropout=float(config.data.spike_dropout), gradient_gate=gate, ema_decay=ema_decay)
 
 
 class StepMetrics:
@@ -618,7 +630,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     def run_validation(steps_done: int) -> Dict[str, Any]:
         nonlocal best_psnr, input_metrics, last_validation
         start = time.perf_counter()
-        local_params = sharding.local_copy(replicate(params))
+        evaluated = train_state["ema"] if setup.ema_decay > 0 else params   # the EMA is what validation scores
+        local_params = sharding.local_copy(replicate(evaluated))
         apply_fn = make_apply_fn(nnx.merge(graphdef, local_params))
         triptych_every = int(_get(config, "eval.triptych_every_steps", 0))
         want_triptychs = triptych_every > 0 and (steps_done % triptych_every == 0 or steps_done == total_steps)
@@ -656,7 +669,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                          result["psnr_y"], result["ssim_y"], path)
         if np.isfinite(result["psnr"]) and (best_psnr is None or result["psnr"] > best_psnr):
             best_psnr = result["psnr"]
-            checkpoints.save_best(steps_done, params, data_position(steps_done), config_dict,
+            checkpoints.save_best(steps_done, evaluated, data_position(steps_done), config_dict,
                                   {k: v for k, v in result.items() if isinstance(v, float)})
         last_validation = result
         return result
