@@ -23,6 +23,11 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
   frozen_backbone  VRT (backbone, SpyNet, deformable convolutions) frozen for the run: only the spike encoder, its
             temporal self-attention and the fusion train (meant with --config.model.init_vrt_from=<VRT .npz>;
             keeps vrt.conv_last as initialised, never zero).
+  staged    two phases in one run: the spike path and the fusion alone for the first 10k steps (VRT frozen: its
+            groups' frozen_steps = 10000), then everything; resumes exactly across the boundary. Meant with
+            --config.model.init_vrt_from=<VRT .npz>.
+  ema       an exponential moving average of the parameters (decay 0.999, S-VRT main's) for validation, best and
+            the restorer.
   bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test
             sequences of photos never trained on, blur from mild to severe (6-24 px per exposure), spikes at
             half resolution (spike_scale 2, as Spk-X4K1000FPS) with read noise, dark spikes and threshold
@@ -107,6 +112,12 @@ def _frozen_backbone(config: ml_collections.ConfigDict) -> None:
     config.init.zero_output_conv = False        # a frozen zero output conv would pass no gradient to anything
 
 
+def _staged(config: ml_collections.ConfigDict) -> None:
+    for group in ("backbone", "spynet", "deform"):
+        config.optimizer.groups[group].frozen_steps = 10_000
+    config.init.zero_output_conv = False        # a zero output conv frozen in phase 1 would pass no gradient
+
+
 VARIANTS = {
     "quick": _quick,
     "tiny": _tiny,
@@ -117,6 +128,8 @@ VARIANTS = {
     "bench": _bench,
     "kair_warmup": _kair_warmup,
     "frozen_backbone": _frozen_backbone,
+    "staged": _staged,
+    "ema": lambda c: setattr(c.optimizer, "ema_decay", 0.999),
 }
 
 

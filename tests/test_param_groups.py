@@ -111,8 +111,13 @@ def test_a_frozen_zero_output_conv_is_a_start_up_error():
     assert not config.init.zero_output_conv                   # the variant keeps the output conv as initialised
     preflight.check_training(config)
     config.init.zero_output_conv = True                       # tiny's own choice: it would stay zero, frozen
-    with pytest.raises(preflight.ConfigError, match="init.zero_output_conv=True with the backbone frozen"):
+    with pytest.raises(preflight.ConfigError, match="init.zero_output_conv=True with the backbone frozen for the run"):
         preflight.check_training(config)
+    staged = baseline.get_config("tiny,staged")
+    preflight.check_training(staged)
+    staged.init.zero_output_conv = True
+    with pytest.raises(preflight.ConfigError, match="frozen for the first 10000 steps"):
+        preflight.check_training(staged)
 
 
 @pytest.mark.parametrize("group, field, value, message", [

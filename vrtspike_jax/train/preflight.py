@@ -171,10 +171,12 @@ def check_training(config) -> None:
             param_groups.check(settings)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if _get(config, "init.zero_output_conv") and settings["backbone"][1] == param_groups.ALWAYS:
-            raise ConfigError("init.zero_output_conv=True with the backbone frozen for the run "
-                              "(optimizer.groups.backbone.frozen_steps=-1): vrt.conv_last would stay zero, so the "
-                              "output would be the input and no gradient would reach any parameter; set "
+        frozen = settings["backbone"][1]
+        if _get(config, "init.zero_output_conv") and frozen != 0:
+            span = "for the run" if frozen == param_groups.ALWAYS else f"for the first {frozen} steps"
+            raise ConfigError(f"init.zero_output_conv=True with the backbone frozen {span} "
+                              f"(optimizer.groups.backbone.frozen_steps={frozen}): vrt.conv_last would stay zero, so "
+                              "the output would be the input and no gradient would reach any parameter; set "
                               "--config.init.zero_output_conv=False (or start from trained weights)")
     decay = _get(config, "optimizer.ema_decay")
     if decay is not None and not 0.0 <= float(decay) < 1.0:
