@@ -8,7 +8,7 @@ import jax
 
 import pytest
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 
 def compare_command(workdir, shared, *extra):

@@ -9,7 +9,7 @@ import pytest
 from data_pipelines import input_pipeline as ip
 from data_pipelines import layout, prepare
 from data_pipelines.errors import DataError
-from data_pipelines.testing import TINY_SPEC, make_tiny_root
+from helpers import TINY_SPEC, make_tiny_root
 
 KEYS = ("blur", "sharp", "spike_vox", "sample_id", "frame_idx", "t0", "t1")
 

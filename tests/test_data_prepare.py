@@ -11,7 +11,7 @@ import pytest
 
 from data_pipelines import layout, prepare, spike_dat, voxelize
 from data_pipelines.errors import DataError
-from data_pipelines.testing import make_tiny_root
+from helpers import make_tiny_root
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_data.py"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import layout, simulate, spike_dat, synthetic
-from data_pipelines.testing import TINY_SPEC
+from helpers import TINY_SPEC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,8 @@ def test_blur_is_strong_and_learnable_motion(tmp_path):
 
 
 def test_concurrent_first_use_builds_once(tmp_path):
-    code = ("import sys, dataclasses; from data_pipelines import synthetic; from data_pipelines.testing import "
-            "TINY_SPEC; spec = dataclasses.replace(TINY_SPEC, train_frames=5, val_frames=5); "
+    code = (f"import sys, dataclasses; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from data_pipelines import synthetic; from helpers import TINY_SPEC; spec = dataclasses.replace(TINY_SPEC, train_frames=5, val_frames=5); "
             "print(synthetic.ensure_dataset(sys.argv[1], spec))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

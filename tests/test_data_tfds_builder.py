@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from data_pipelines import layout, tfds_builder
-from data_pipelines.testing import make_tiny_root
+from helpers import make_tiny_root
 
 
 def test_tfds_dataset_matches_prepared_files(tmp_path):

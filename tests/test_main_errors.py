@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 
 def run(workdir: Path, variant: str = "tiny", *flags: str, config: str = None):

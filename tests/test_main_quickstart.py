@@ -2,7 +2,7 @@
 dataset built on first use, validation on full frames) for 2 steps instead of its full length."""
 import json
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 
 def test_quickstart_command_runs_and_reports(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from vrtspike_jax import runtime
-from vrtspike_jax.train import testing
+import helpers as testing
 
 
 @pytest.mark.parametrize("flags, platforms, keep, added", [

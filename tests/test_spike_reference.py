@@ -67,7 +67,7 @@ def test_the_representations_picture(half_res_root, tmp_path):
 
     from PIL import Image
 
-    from vrtspike_jax.train import testing
+    import helpers as testing
 
     out = tmp_path / "repr.png"
     script = str(testing.REPO_ROOT / "scripts" / "show_spike_representations.py")

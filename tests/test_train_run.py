@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 TOTAL = 6
 

@@ -7,7 +7,7 @@ import textwrap
 
 import numpy as np
 
-from vrtspike_jax.train import testing
+import helpers as testing
 
 SCRIPT = textwrap.dedent('''
     import sys

@@ -1,4 +1,5 @@
-"""Helpers for the training tests and smoke runs: subprocess runs of main.py with the `tiny` variant.
+"""The tests' own helpers (not part of the package): subprocess runs of main.py with the `tiny` variant, and tiny
+versions of the embedded dataset.
 
 Test runs go through subprocesses so each has its own XLA flags (fake CPU devices, a lower backend optimisation
 level that halves the CPU compile time of the model) and all of them share one persistent compilation cache:
@@ -6,17 +7,19 @@ the same train-step program is compiled once per test session.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
+from data_pipelines import prepare, synthetic
 from vrtspike_jax import runtime
-from vrtspike_jax.train.run_record import code_root
 
-REPO_ROOT = code_root()
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
 MAIN = REPO_ROOT / "main.py"
 # Faster XLA:CPU compiles (about half) for short test runs; results are deterministic for a given setting.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -37,7 +40,7 @@ def subprocess_env(*, device_count: Optional[int] = None, extra: Optional[Mappin
         flags.append("--xla_cpu_collective_call_terminate_timeout_seconds=1200")
     env.update({"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
-                    [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])})
+                    [str(REPO_ROOT), str(TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])})
     env.pop("VRTSPIKE_DISTRIBUTED", None)
     if extra:
         env.update(extra)
@@ -100,5 +103,24 @@ def tiny_overrides(embedded_dir, cache_dir, **more) -> Dict[str, object]:
     return overrides
 
 
+# ------------------------------------------------------------------------------------------- tiny datasets
+
+# 32x32 frames, 32 spike frames per exposure (one per bin at K = 32); renders in well under a second.
+TINY_SPEC = synthetic.SyntheticSpec(height=32, width=32, train_sequences=3, val_sequences=1, train_frames=7,
+                                    val_frames=6, subframes=32, blur_px=5.0, threshold=1.0, seed=0)
+
+
+def make_tiny_root(path, prepare_it: bool = True, num_bins: int = 32, **overrides) -> Path:
+    """Renders TINY_SPEC (with `overrides`) into `path`; prepares it unless `prepare_it` is False."""
+    spec = dataclasses.replace(TINY_SPEC, **overrides)
+    root = synthetic.make_dataset(Path(path), spec)
+    if prepare_it:
+        result = prepare.prepare_root(prepare.PrepareOptions(root=root, num_bins=num_bins, progress=False),
+                                      log=lambda line: None)
+        if result.exit_code != 0:
+            raise RuntimeError("; ".join(p.message for p in result.problems))
+    return root
+
+
 __all__ = ["MAIN", "REPO_ROOT", "TEST_XLA_FLAGS", "losses_by_step", "main_command", "overrides_to_flags",
-           "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides"]
+           "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides", "TINY_SPEC", "make_tiny_root"]
