@@ -69,7 +69,6 @@ def _quick(config: ml_collections.ConfigDict) -> None:
     config.eval.triptych_every_steps = 100
     config.eval.num_triptychs = 2
     config.checkpoint.every_steps = 100
-    config.compilation_cache_dir = "~/.cache/vrtspike_jax/xla"
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:

@@ -357,6 +357,9 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
                          f"load_model_from_checkpoint, which this installation lacks ({err})") from None
     # Orbax wants absolute paths (a relative one fails deep inside tensorstore).
     model, config = load_model_from_checkpoint(str(path.resolve()), step=args.step, which=args.which)
+    from vrtspike_jax.train.train_lib import enable_compilation_cache
+
+    enable_compilation_cache(config)   # the run's persistent XLA cache: a second restoration skips compiling
     model_config = getattr(model, "config", None)
     description = {"checkpoint": str(path), "kind": "training_checkpoint", "which": args.which, "step": args.step,
                    "config": _jsonable(dataclasses.asdict(model_config)) if dataclasses.is_dataclass(model_config)
