@@ -16,7 +16,8 @@ import pytest
 
 from configs import baseline
 from data_pipelines.synthetic import SyntheticSpec
-from vrtspike_jax.train import preflight, testing
+import helpers as testing
+from vrtspike_jax.train import preflight
 
 # torchvision's VGG16 `features` convolutions up to relu3_3: index -> (out, in) channels
 VGG16_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256), 14: (256, 256)}
