@@ -160,15 +160,17 @@ def _toy_config():
     return config
 
 
-def _toy_setup():
+def _toy_setup(**step_options):
     config = _toy_config()
     model = _ToyRestorer(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     tx, _ = make_optimizer(config)
-    step = jax.jit(make_train_step(graphdef, train_lib.make_loss(config), tx, use_spike=True))
+    step = jax.jit(make_train_step(graphdef, train_lib.make_loss(config), tx, use_spike=True, **step_options))
     train_state = {"step": jnp.int32(0), "opt_state": tx.init(params),
                    "rng": jax.random.key_data(jax.random.key(0))}
+    if step_options.get("ema_decay"):
+        train_state["ema"] = jax.tree.map(jnp.array, params)
     rng = np.random.default_rng(0)
     batch = {"blur": rng.uniform(size=(2, 2, 8, 8, 3)).astype(np.float32),
              "sharp": rng.uniform(size=(2, 2, 8, 8, 3)).astype(np.float32),
@@ -319,15 +321,7 @@ def test_spike_dropout_range_is_checked_at_start(overrides, message):
 
 
 def test_ema_follows_a_numpy_reference_and_holds_on_skipped_steps():
-    config = _toy_config()
-    model = _ToyRestorer(nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    tx, _ = make_optimizer(config)
-    step = jax.jit(make_train_step(graphdef, train_lib.make_loss(config), tx, use_spike=True, ema_decay=0.9))
-    state = {"step": jnp.int32(0), "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
-             "ema": jax.tree.map(jnp.array, params)}
-    _, _, _, batch = _toy_setup()
+    step, params, state, batch = _toy_setup(ema_decay=0.9)
     bad = dict(batch, spike_vox=np.full_like(batch["spike_vox"], np.nan))
     expected = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     for inputs in (batch, batch, bad, batch):
