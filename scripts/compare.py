@@ -123,8 +123,9 @@ class PerturbedSpikes:
 
     def __init__(self, eval_iter, kind: str, value):
         self.eval_iter, self.kind, self.value = eval_iter, kind, value
-        mean, std = eval_iter.stats
-        self.zero = -float(mean) / float(std)       # the normalised value of a zero count: log1p(0) = 0
+        from data_pipelines import voxelize
+
+        self.zero = float(voxelize.normalize(0, *eval_iter.stats))   # the network's input for a zero count
 
     def __len__(self) -> int:
         return len(self.eval_iter)
@@ -150,10 +151,7 @@ def eval_data(config, split: str, perturbation):
 
     data = copy.deepcopy(config.data)
     data.eval_split = split
-    if perturbation is not None and perturbation[0] == "noise":
-        if data.root:
-            raise ValueError(f"--robustness noise:{perturbation[1]:g} re-simulates the embedded dataset; "
-                             f"data.root={data.root} is recorded data")
+    if perturbation is not None and perturbation[0] == "noise":   # main() refuses it with a data.root
         train_root = input_pipeline.resolve_root(config.data)
         for key in ("noise_std", "dark_current", "threshold_std"):
             data.embedded[key] = float(data.embedded[key]) * perturbation[1]

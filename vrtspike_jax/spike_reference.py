@@ -22,10 +22,8 @@ from vrtspike_jax.train import validation
 DEFAULT_PARAMS = {"tfp": (0, 1, 2, 4, 8, 16, 32), "tfi": (2, 4, 8, 16, 32)}
 
 
-def centre_rates(root, split: str, method: str, param: int) -> List[Dict[str, Any]]:
-    """[{seq, frame_idx, rate float32 [H, W] at frame size, sharp uint8 [H, W, 3]}] for the split's frames."""
-    from skimage.transform import resize
-
+def load_frames(root, split: str) -> List[Dict[str, Any]]:
+    """The split's frames, read once: [{seq, frame_idx, spikes, times, t0, t1, size, sharp uint8 [H, W, 3]}]."""
     root = Path(root)
     prepared = prepare.read_prepared(root)
     f = int(prepared["spike_scale"])
@@ -37,14 +35,30 @@ def centre_rates(root, split: str, method: str, param: int) -> List[Dict[str, An
             frame_idx, stem = int(frame[0]), str(frame[1])
             row = rows[(seq["name"], frame_idx)]
             spikes = spike_dat.read_dat(root / seq["name"] / layout.SPIKE / f"{stem}.dat", height // f, width // f)
-            kind_args = {"half_window": param} if method == "tfp" else {"max_search": param}
-            rate = spike_repr.represent(method, spikes, row.frame_times(spikes.shape[0]), row.t0, row.t1, 1,
-                                        **kind_args)[0]
-            if f > 1:
-                rate = resize(rate, (height, width), order=1, mode="edge", anti_aliasing=False).astype(np.float32)
-            sharp = layout.load_png(root / seq["name"] / layout.SHARP / f"{stem}.png")
-            out.append({"seq": seq["name"], "frame_idx": frame_idx, "rate": rate, "sharp": sharp})
+            out.append({"seq": seq["name"], "frame_idx": frame_idx, "spikes": spikes,
+                        "times": row.frame_times(spikes.shape[0]), "t0": row.t0, "t1": row.t1,
+                        "size": (height, width),
+                        "sharp": layout.load_png(root / seq["name"] / layout.SHARP / f"{stem}.png")})
     return out
+
+
+def rates_of(frames: Sequence[Mapping[str, Any]], method: str, param: int) -> List[Dict[str, Any]]:
+    """[{seq, frame_idx, rate float32 [H, W] at frame size, sharp}] of `load_frames`' frames."""
+    from skimage.transform import resize
+
+    kind_args = {"half_window": param} if method == "tfp" else {"max_search": param}
+    out = []
+    for fr in frames:
+        rate = spike_repr.represent(method, fr["spikes"], fr["times"], fr["t0"], fr["t1"], 1, **kind_args)[0]
+        if rate.shape != tuple(fr["size"]):
+            rate = resize(rate, fr["size"], order=1, mode="edge", anti_aliasing=False).astype(np.float32)
+        out.append({"seq": fr["seq"], "frame_idx": fr["frame_idx"], "rate": rate, "sharp": fr["sharp"]})
+    return out
+
+
+def centre_rates(root, split: str, method: str, param: int) -> List[Dict[str, Any]]:
+    """[{seq, frame_idx, rate float32 [H, W] at frame size, sharp uint8 [H, W, 3]}] for the split's frames."""
+    return rates_of(load_frames(root, split), method, param)
 
 
 def fit_grey_map(items: Sequence[Mapping[str, Any]]) -> Tuple[float, float]:
@@ -89,11 +103,12 @@ def reference(root, splits: Sequence[str] = ("val", "test"), params: Mapping[str
     "splits": {split: score(...)}}}.
     """
     available = prepare.read_prepared(root)["splits"]
+    frames = {split: load_frames(root, split) for split in ("val", *splits) if split == "val" or available.get(split)}
     out: Dict[str, Any] = {}
     for method, candidates in params.items():
         tried = {}
         for p in candidates:
-            val_items = centre_rates(root, "val", method, p)
+            val_items = rates_of(frames["val"], method, p)
             a, b = fit_grey_map(val_items)
             tried[int(p)] = (score(val_items, a, b, crop_border=crop_border), (a, b))
         best = max(tried, key=lambda p: tried[p][0]["psnr_y"])
@@ -102,7 +117,7 @@ def reference(root, splits: Sequence[str] = ("val", "test"), params: Mapping[str
                   "val_psnr_y_by_param": {str(p): s["psnr_y"] for p, (s, _) in tried.items()},
                   "splits": {"val": tried[best][0]}}
         for split in splits:
-            if split != "val" and available.get(split):
-                result["splits"][split] = score(centre_rates(root, split, method, best), a, b, crop_border=crop_border)
+            if split != "val" and split in frames:
+                result["splits"][split] = score(rates_of(frames[split], method, best), a, b, crop_border=crop_border)
         out[method] = result
     return out

@@ -490,7 +490,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """
     from clu import metric_writers, periodic_actions
 
-    from data_pipelines import input_pipeline
+    from data_pipelines import input_pipeline, voxelize
     from vrtspike_jax.inference import TileSpec, make_apply_fn
 
     run_start = time.perf_counter()
@@ -555,7 +555,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
     data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
     logging.info("data exclusions: %s", data_counts)
-    setup.spike_zero = -float(train_iter.stats[0]) / float(train_iter.stats[1])   # log1p(0) normalised
+    setup.spike_zero = float(voxelize.normalize(0, *train_iter.stats))   # the network's input for a zero count
 
     if latest is not None:
         last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
