@@ -16,7 +16,8 @@ chain (`split_runs`); every run too short for a clip is logged (python logging, 
 A batch (numpy, channels-last, b = global_batch_size // process_count samples of this process):
   blur       float32 [b, T, H, W, 3] in [0, 1]
   sharp      float32 [b, T, H, W, 3] in [0, 1]
-  spike_vox  float32 [b, T, H/f, W/f, K]  (log1p(counts) - mean) / std, train-split statistics
+  spike_vox  float32 [b, T, H/f, W/f, K]  the spike input of data.spike_representation, normalised with the
+                                          train-split statistics (voxel: (log1p(counts) - mean) / std)
   sample_id  int32   [b]                  index of the clip (TrainIterator.sample_name(id) names it)
   frame_idx  int32   [b, T]               frame numbers of the clip's frames
   t0, t1     float32 [b, T]               exposure windows (ticks)
@@ -45,7 +46,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data_pipelines import layout, prepare, voxelize
+from data_pipelines import layout, prepare, spike_input
 from data_pipelines.errors import DataError
 
 DEFAULT_CACHE_DIR = "~/.cache/vrtspike_jax"
@@ -70,7 +71,20 @@ def default_data_config():
       num_bins: K, voxel bins per exposure (32); must match the prepared data.
       spike_scale: f, RGB/spike resolution ratio; must match the prepared data (dataset.json).
       hflip, vflip: random horizontal / vertical flips in training (same for all frames and spikes).
-      stats_file: voxel statistics; None means <root>/voxel_stats.json (train split only).
+      stats_file: statistics of the spike input; None means the root's (train split only): <root>/voxel_stats.json
+        for voxels, <root>/spike_stats_<tag>.json for the other representations.
+      spike_representation: the spike input, K = num_bins channels per frame in every case (docs/DATA.md section 2):
+        "voxel" (default): spike counts in K bins, (log1p(count) - mean) / std.
+        "tfp": SpikeCV's TFP (firing rate over 2 * tfp_half_window + 1 frames) at the K bin-centre instants;
+        "tfi": SpikeCV's TFI (1 / inter-spike interval) at the K instants; "raw": the K spike frames centred on the
+        exposure's centre instant (0/1; the exposure must hold at least K spike frames). These three are rates in
+        [0, 1], normalised as (x - mean) / std with the train split's mean and std (data_pipelines/spike_input.py).
+        A prepared root builds them with `prepare_data.py --spike_representation ...`; the embedded dataset on
+        first use.
+      tfp_half_window: h of TFP (default 8: 17 frames, the window the spike-only TFP reference chose on val among
+        h = 0..32 for the bench data, docs/RESULTS.md; 2 frames per bin at K = 32 and 64 frames per exposure, so
+        neighbouring instants share most of their frames: less noise, less time resolution).
+      tfi_max_search: m of TFI, the search length in frames each way (default 20, SpikeCV's).
       spike_dropout: probability that a training sample's spikes are replaced by zero counts (a capture without
         spikes), drawn per sample and step in the train step from the run's rng (train_lib.make_train_step);
         0 (default) never. Validation always sees the recorded spikes.
@@ -97,6 +111,9 @@ def default_data_config():
     config.hflip = True
     config.vflip = False
     config.stats_file = placeholder(str)
+    config.spike_representation = "voxel"
+    config.tfp_half_window = spike_input.DEFAULT_TFP_HALF_WINDOW
+    config.tfi_max_search = spike_input.DEFAULT_TFI_MAX_SEARCH
     config.spike_dropout = 0.0
     config.train_split = "train"
     config.eval_split = "val"
@@ -118,7 +135,8 @@ def ensure_embedded_dataset(data_config=None, log=print) -> Path:
     """Builds (on first use) and prepares the embedded synthetic dataset; returns its prepared root.
 
     The folder is `<embedded_dir>/embedded-<spec hash>-k<K>`; building is safe with several processes
-    starting at once (file lock + atomic rename), and takes ~10 s at the default size.
+    starting at once (file lock + atomic rename), and takes ~10 s at the default size. A non-voxel
+    `spike_representation` is built into it on its first use (prepare.ensure_representation).
     """
     from data_pipelines import synthetic
 
@@ -131,7 +149,10 @@ def ensure_embedded_dataset(data_config=None, log=print) -> Path:
     if spec.spike_scale != spec_scale:
         spec = dataclasses.replace(spec, spike_scale=spec_scale)
     parent = os.path.expanduser(str(_get(data_config, "embedded_dir", DEFAULT_CACHE_DIR)))
-    return synthetic.ensure_dataset(parent, spec, num_bins=int(_get(data_config, "num_bins", 32)), log=log)
+    representation = spike_input.Representation.from_config(data_config)
+    root = synthetic.ensure_dataset(parent, spec, num_bins=representation.num_bins, log=log)
+    prepare.ensure_representation(root, representation)
+    return root
 
 
 def resolve_root(data_config) -> Path:
@@ -172,6 +193,7 @@ class SplitIndex:
     excluded_frames: int = 0  # frames in those runs (never seen by training / evaluation)
     window_breaks: int = 0    # places where consecutive frame numbers were split because the windows do not chain
     prepare_problems: int = 0  # problems prepare_data reported for the root (dropped frames and sequences)
+    representation: spike_input.Representation = spike_input.Representation()   # what vox_paths hold
 
     @property
     def num_clips(self) -> int:
@@ -263,8 +285,11 @@ def eval_clips(run_length: int, clip_length: int) -> List[Tuple[int, np.ndarray]
 
 
 def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: int,
-                for_eval: bool = False) -> SplitIndex:
+                for_eval: bool = False, representation: Optional[spike_input.Representation] = None) -> SplitIndex:
     """Reads prepared.json and lists the clips of `split` (train: every start; eval: `eval_clips`).
+
+    The spike paths and byte offsets are those of `representation`'s cache (default voxel: prepared.json's); a
+    non-voxel one needs its current statistics file (spike_input.read_stats: the offsets and the index digest).
 
     Clips lie inside runs of frames consecutive in time (`split_runs`). Every run shorter than T and every
     break made by non-chaining windows is logged once per process (python logging, WARNING, naming the
@@ -278,6 +303,11 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
     shared_clock = bool(prepared.get("shared_clock", layout.default_shared_clock(
         str(prepared.get("source_layout", "vrtspike")))))
     seqs = prepared["splits"][split]
+    representation = representation or spike_input.Representation(num_bins=int(num_bins))
+    offsets = None
+    if not representation.is_voxel:
+        offsets = spike_input.read_stats(root / representation.stats_name, representation,
+                                         prepared["splits"])["offsets"]
     excluded_runs = excluded_frames = window_breaks = 0
     seq_names, seq_hw = [], []
     row_seq, row_idx, row_t0, row_t1, row_off = [], [], [], [], []
@@ -296,10 +326,10 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
             row_idx.append(frame_idx)
             row_t0.append(t0)
             row_t1.append(t1)
-            row_off.append(offset)
+            row_off.append(offset if offsets is None else offsets[f"{seq['name']}/{stem}"])
             blur_paths.append(str(seq_dir / layout.BLUR / f"{stem}.png"))
             sharp_paths.append(str(seq_dir / layout.SHARP / f"{stem}.png"))
-            vox_paths.append(str(seq_dir / layout.SPIKE_VOX / f"{stem}.npy"))
+            vox_paths.append(str(seq_dir / representation.cache_dir / f"{stem}.npy"))
         runs, breaks = split_runs(idx, seq_t0, seq_t1, shared_clock)
         window_breaks += len(breaks)
         for _, reason in breaks:
@@ -324,14 +354,14 @@ def build_index(root, split: str, clip_length: int, num_bins: int, spike_scale: 
                     clip_mask.append(np.ones(clip_length, bool))
     return SplitIndex(
         root=root, split=split, clip_length=clip_length, num_bins=num_bins, spike_scale=spike_scale,
-        voxel_dtype=prepared["voxel_dtype"], seq_names=seq_names,
+        voxel_dtype=prepared["voxel_dtype"] if offsets is None else spike_input.CACHE_DTYPE.name, seq_names=seq_names,
         seq_hw=np.array(seq_hw, np.int64).reshape(-1, 2), row_seq=np.array(row_seq, np.int64),
         row_frame_idx=np.array(row_idx, np.int64), row_t0=np.array(row_t0, np.float64),
         row_t1=np.array(row_t1, np.float64), row_vox_offset=np.array(row_off, np.int64),
         blur_paths=blur_paths, sharp_paths=sharp_paths, vox_paths=vox_paths,
         clip_start=np.array(clip_start, np.int64), clip_mask=np.array(clip_mask, bool).reshape(-1, clip_length),
         skipped=skipped, excluded_runs=excluded_runs, excluded_frames=excluded_frames, window_breaks=window_breaks,
-        prepare_problems=int(prepared.get("num_problems", 0)))
+        prepare_problems=int(prepared.get("num_problems", 0)), representation=representation)
 
 
 # ------------------------------------------------------------------------------------- sample order
@@ -410,11 +440,11 @@ def load_clip(index: SplitIndex, clip: int, mean: float, std: float, y: int = 0,
         c_h, c_w = (crop_size, crop_size) if crop_size else (seq_h, seq_w)
         blur = layout.load_png(index.blur_paths[row])[y:y + c_h, x:x + c_w]
         sharp = layout.load_png(index.sharp_paths[row])[y:y + c_h, x:x + c_w]
-        counts = layout.load_voxel_counts(index.vox_paths[row], index.num_bins, seq_h // f, seq_w // f)
-        counts = counts[:, y // f:(y + c_h) // f, x // f:(x + c_w) // f]
+        values = index.representation.load(index.vox_paths[row], seq_h // f, seq_w // f)
+        values = values[:, y // f:(y + c_h) // f, x // f:(x + c_w) // f]
         blurs.append(blur)
         sharps.append(sharp)
-        voxes.append(np.transpose(voxelize.normalize(counts, mean, std), (1, 2, 0)))
+        voxes.append(np.transpose(index.representation.normalize(values, mean, std), (1, 2, 0)))
     out = {
         "blur": np.stack(blurs).astype(np.float32) / 255.0,
         "sharp": np.stack(sharps).astype(np.float32) / 255.0,
@@ -447,10 +477,10 @@ def _process_info(process_index, process_count) -> Tuple[int, int]:
     return process_index, process_count
 
 
-def _stats(data_config, root: Path, num_bins: int) -> Tuple[float, float]:
+def _stats(data_config, root: Path, representation: spike_input.Representation) -> Tuple[float, float]:
     stats_file = _get(data_config, "stats_file", None)
-    path = Path(os.path.expanduser(str(stats_file))) if stats_file else root / layout.STATS_JSON
-    return voxelize.load_stats(path, num_bins=num_bins)
+    path = Path(os.path.expanduser(str(stats_file))) if stats_file else root / representation.stats_name
+    return representation.load_stats(path)
 
 
 def _check_crop(index: SplitIndex, crop_size: Optional[int]) -> None:
@@ -487,7 +517,8 @@ class TrainIterator:
     """Infinite iterator of per-process training batches (numpy dicts); see the module docstring.
 
     Attributes: root, index (SplitIndex), local_batch_size, global_batch_size, start_step, step (next step),
-    stats (mean, std). `sample_name(sample_id)` names a clip (`train/<seq>@<first frame_idx>`);
+    stats (mean, std), representation (spike_input.Representation: `representation.no_spike_input(*stats)` is the
+    input of an exposure without spikes). `sample_name(sample_id)` names a clip (`train/<seq>@<first frame_idx>`);
     `exclusion_counts()` says what the split leaves out.
     """
 
@@ -515,6 +546,10 @@ class TrainIterator:
     @property
     def num_samples(self) -> int:
         return self.index.num_clips
+
+    @property
+    def representation(self) -> spike_input.Representation:
+        return self.index.representation
 
     def sample_name(self, sample_id: int) -> str:
         return self.index.clip_name(int(sample_id))
@@ -545,13 +580,14 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
     local = global_batch_size // p_count
     root = resolve_root(data_config)
     t = int(data_config.clip_length)
-    k = int(data_config.num_bins)
+    representation = spike_input.Representation.from_config(data_config)
+    k = representation.num_bins
     f = int(data_config.spike_scale)
     crop = _get(data_config, "crop_size", None)
     crop = int(crop) if crop else None
-    index = build_index(root, _get(data_config, "train_split", "train"), t, k, f)
+    index = build_index(root, _get(data_config, "train_split", "train"), t, k, f, representation=representation)
     _check_crop(index, crop)
-    mean, std = _stats(data_config, root, k)
+    mean, std = _stats(data_config, root, representation)
     planner = SamplePlanner(index, seed, crop, bool(_get(data_config, "hflip", True)),
                             bool(_get(data_config, "vflip", False)))
 
@@ -600,7 +636,9 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
             raw = tf.io.decode_raw(tf.io.read_file(tf.gather(vox_table, row)), vox_dtype, little_endian=True)
             counts = tf.reshape(raw[tf.gather(offset_table, row) // itemsize:], (k, hw[0] // f, hw[1] // f))
             counts = counts[:, y // f:(y + ch) // f, x // f:(x + cw) // f]
-            vox = (tf.math.log1p(tf.cast(tf.transpose(counts, (1, 2, 0)), tf.float32)) - mean32) / std32
+            values = tf.cast(tf.transpose(counts, (1, 2, 0)), tf.float32)
+            values = tf.math.log1p(values) if representation.is_voxel else values
+            vox = (values - mean32) / std32
             voxes.append(vox)
         out = {
             "blur": tf.cast(tf.stack(blurs), tf.float32) / 255.0,
@@ -659,6 +697,10 @@ class EvalIterator:
     def __len__(self) -> int:
         return len(self.clips) + self.padding
 
+    @property
+    def representation(self) -> spike_input.Representation:
+        return self.index.representation
+
     def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
         mean, std = self.stats
         order = self.clips + [self.clips[-1] if self.clips else 0] * self.padding
@@ -685,13 +727,15 @@ def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
     """Finite iterator of full-size validation clips (batch 1): the train keys plus `seq` and `eval_mask`."""
     p_index, p_count = _process_info(process_index, process_count)
     root = resolve_root(data_config)
-    t, k, f = int(data_config.clip_length), int(data_config.num_bins), int(data_config.spike_scale)
-    index = build_index(root, _get(data_config, "eval_split", "val"), t, k, f, for_eval=True)
+    representation = spike_input.Representation.from_config(data_config)
+    t, k, f = int(data_config.clip_length), representation.num_bins, int(data_config.spike_scale)
+    index = build_index(root, _get(data_config, "eval_split", "val"), t, k, f, for_eval=True,
+                        representation=representation)
     if index.num_clips == 0:
         detail = f" (runs shorter than T: {'; '.join(index.skipped[:3])})" if index.skipped else ""
         raise DataError(root / index.split, f"no clip of T={t} consecutive frames to evaluate in the {index.split} "
                                             f"split{detail}", "config")
-    stats = _stats(data_config, root, k)
+    stats = _stats(data_config, root, representation)
     mine = list(range(p_index, index.num_clips, p_count))
     padding = 0
     if p_count > 1 and bool(_get(data_config, "eval_pad_to_equal", True)):

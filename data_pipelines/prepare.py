@@ -13,6 +13,10 @@ Rules:
   inputs; a rerun skips frames whose inputs and cache are unchanged. Every output is written atomically.
 - Voxel caches hold integer spike counts (`uint8`, or `uint16` where a bin can exceed 255); log1p and the
   normalisation happen when loading, so the cache never depends on the statistics.
+- Another spike representation (`spike_representation` tfp, tfi or raw; data_pipelines/spike_input.py) is built
+  after the voxel pass, for the frames of the index just written: its float16 cache in `spike_<tag>/`, its own
+  journal `.prepare_journal_<tag>.jsonl` and `spike_stats_<tag>.json` (train-split mean / std of the cached values,
+  byte offsets, the index digest). The voxel outputs are the same as without it.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data_pipelines import layout, spike_dat, voxelize
+from data_pipelines import layout, spike_dat, spike_input, voxelize
 from data_pipelines.errors import DataError
 from data_pipelines.fileio import atomic_save_npy, atomic_write_json, atomic_write_text, file_lock
 
@@ -50,6 +54,13 @@ class PrepareOptions:
     overwrite: bool = False
     decode_images: bool = True
     progress: bool = True
+    spike_representation: str = "voxel"
+    tfp_half_window: int = spike_input.DEFAULT_TFP_HALF_WINDOW
+    tfi_max_search: int = spike_input.DEFAULT_TFI_MAX_SEARCH
+
+    def representation(self) -> spike_input.Representation:
+        return spike_input.Representation(self.spike_representation, self.num_bins, self.tfp_half_window,
+                                          self.tfi_max_search)
 
 
 @dataclasses.dataclass
@@ -63,6 +74,8 @@ class PrepareResult:
     kept_sequences: Dict[str, int] = dataclasses.field(default_factory=dict)
     stats: Optional[Tuple[float, float]] = None
     seconds: float = 0.0
+    representation_stats: Optional[Tuple[str, float, float]] = None   # (tag, mean, std) of a non-voxel one
+    stats_written: bool = False   # the voxel outputs (statistics, index) were written
 
     @property
     def exit_code(self) -> int:
@@ -221,8 +234,8 @@ def process_frame(task: FrameTask) -> FrameResult:
 # -------------------------------------------------------------------------------------------- journal
 
 
-def _read_journal(root: Path) -> Dict[str, dict]:
-    path = root / JOURNAL
+def _read_journal(root: Path, name: str = JOURNAL) -> Dict[str, dict]:
+    path = root / name
     records: Dict[str, dict] = {}
     if not path.exists():
         return records
@@ -265,8 +278,17 @@ def voxel_dtype_for(rows: List[layout.AlignmentRow], num_bins: int) -> str:
     return "uint8" if bound <= 255 else "uint16"
 
 
-def _run_tasks(tasks: List[FrameTask], workers: int, on_result: Callable[[FrameTask, FrameResult], None],
-               progress: bool) -> None:
+def _open_journal(path: Path):
+    """The journal opened for appending, on a fresh line if a crash cut its last record."""
+    cut_line = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    journal_file = open(path, "a", encoding="utf-8")
+    if cut_line:  # a crash cut the last record: start a fresh line so the next record is whole
+        journal_file.write("\n")
+    return journal_file
+
+
+def _run_tasks(tasks: list, workers: int, on_result: Callable, progress: bool,
+               process: Callable = process_frame) -> None:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -274,14 +296,14 @@ def _run_tasks(tasks: List[FrameTask], workers: int, on_result: Callable[[FrameT
     try:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
-                on_result(task, process_frame(task))
+                on_result(task, process(task))
                 if bar:
                     bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")  # safe even when the caller has started threads
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 chunk = max(1, min(64, len(tasks) // (workers * 8) or 1))
-                for task, result in zip(tasks, pool.map(process_frame, tasks, chunksize=chunk)):
+                for task, result in zip(tasks, pool.map(process, tasks, chunksize=chunk)):
                     on_result(task, result)
                     if bar:
                         bar.update(1)
@@ -307,6 +329,7 @@ def prepare_root(options: PrepareOptions, log: Optional[Callable[[str], None]] =
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
     root = Path(options.root)
+    options.representation()   # a bad representation or parameter: one-line DataError before any work
     result = PrepareResult(problems=[], notes=[])
     if not root.is_dir():
         _emit(log, result.problems, DataError(root, "root folder not found", "missing_root"))
@@ -419,14 +442,7 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
     if reused:
         result.notes.append(f"{reused} frame(s) unchanged since the last run: reused")
 
-    journal_file = None
-    if not options.check_only:
-        journal_path = root / JOURNAL
-        cut_line = journal_path.exists() and journal_path.stat().st_size > 0 and \
-            journal_path.read_bytes()[-1:] != b"\n"
-        journal_file = open(journal_path, "a", encoding="utf-8")
-        if cut_line:  # a crash cut the last record: start a fresh line so the next record is whole
-            journal_file.write("\n")
+    journal_file = None if options.check_only else _open_journal(root / JOURNAL)
 
     def on_result(task: FrameTask, res: FrameResult) -> None:
         results[task.key] = res
@@ -502,6 +518,7 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
             stats_json = stats.to_json()
             stats_json["num_frames"] = result.kept_frames["train"]
             atomic_write_json(root / layout.STATS_JSON, stats_json)
+            result.stats_written = True
             layout.write_alignment(root / layout.ALIGNMENT_CSV, new_rows.values())
             atomic_write_json(root / layout.PREPARED_JSON, {
                 "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "num_bins": options.num_bins,
@@ -510,6 +527,16 @@ def _prepare_locked(options: PrepareOptions, root: Path, result: PrepareResult,
                 "converter_version": info.converter_version, "splits": index,
                 "num_problems": len(problems),
             }, compact=True)
+    representation = options.representation()
+    if not representation.is_voxel and not options.check_only and not result.fatal:
+        rep_problems, rep_stats = _prepare_representation(root, representation, options.workers,
+                                                          options.overwrite, options.progress)
+        for err in rep_problems:
+            _emit(log, problems, err)
+        if rep_stats is None:
+            result.fatal = True
+        else:
+            result.representation_stats = (representation.tag,) + rep_stats
     result.seconds = time.time() - start
     if not options.check_only:
         lines = [f"prepare_data on {root} ({time.strftime('%Y-%m-%d %H:%M:%S')}), {result.seconds:.1f} s"]
@@ -526,7 +553,162 @@ def summary_line(result: PrepareResult) -> str:
     kept = ", ".join(f"{split}: {result.kept_frames.get(split, 0)} frames in {result.kept_sequences.get(split, 0)} "
                      f"sequences" for split in splits)
     stats = "" if result.stats is None else f"; voxel log1p mean {result.stats[0]:.6g}, std {result.stats[1]:.6g}"
+    if result.representation_stats is not None:
+        stats += "; {} mean {:.6g}, std {:.6g}".format(*result.representation_stats)
     return f"kept {kept}; {len(result.problems)} problem(s){stats}"
+
+
+# ------------------------------------------------------------------------------ other representations
+
+
+@dataclasses.dataclass
+class RepresentationTask:
+    """One frame's cache of a non-voxel representation: read its .dat, compute, write float16 (spike_input)."""
+
+    key: str
+    spike: str
+    out: str
+    t0: float
+    t1: float
+    spike_t0: float
+    height: int        # of the spike frames
+    width: int
+    representation: spike_input.Representation
+    fingerprint: list
+
+
+@dataclasses.dataclass
+class RepresentationResult:
+    key: str
+    ok: bool
+    problem: Optional[DataError] = None
+    sums: Optional[list] = None        # spike_input.ValueStats.sums_of the cached values
+    offset: int = 0
+    stat: Optional[list] = None        # size and mtime of the cache file
+
+    def record(self, fingerprint: list) -> dict:
+        if self.ok:
+            return {"key": self.key, "fp": fingerprint, "ok": True, "sums": self.sums, "offset": self.offset,
+                    "stat": self.stat}
+        return {"key": self.key, "fp": fingerprint, "ok": False,
+                "problem": [self.problem.path, self.problem.reason, self.problem.kind]}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "RepresentationResult":
+        if rec["ok"]:
+            return cls(rec["key"], True, sums=rec["sums"], offset=rec["offset"], stat=rec["stat"])
+        return cls(rec["key"], False, problem=DataError(*rec["problem"]))
+
+
+def process_representation(task: RepresentationTask) -> RepresentationResult:
+    """Computes and writes one frame's cache; bad data (a DataError) is the result's problem."""
+    try:
+        spikes = spike_dat.read_dat(task.spike, task.height, task.width)
+        times = task.spike_t0 + np.arange(spikes.shape[0], dtype=np.float64)
+        values = task.representation.cached(spikes, times, task.t0, task.t1, where=task.spike)
+    except DataError as err:
+        return RepresentationResult(task.key, False, problem=err)
+    atomic_save_npy(task.out, values)
+    return RepresentationResult(task.key, True, sums=spike_input.ValueStats.sums_of(values),
+                                offset=layout.voxel_header(task.out)[2], stat=_stat(task.out))
+
+
+def _representation_tasks(root: Path, representation: spike_input.Representation, prepared: dict,
+                          journal: Dict[str, dict], results: Dict[str, RepresentationResult]):
+    """The frames of the index to (re)build, and their order [(split, key)]; journaled ones go to `results`."""
+    rows, _, _ = layout.read_alignment(root / layout.ALIGNMENT_CSV)
+    f = int(prepared["spike_scale"])
+    tasks, order = [], []
+    for split, seqs in prepared["splits"].items():
+        for seq in seqs:
+            hs, ws = int(seq["height"]) // f, int(seq["width"]) // f
+            for frame_idx, stem, *_ in seq["frames"]:
+                key = f"{seq['name']}/{stem}"
+                order.append((split, key))
+                spike = root / seq["name"] / layout.SPIKE / f"{stem}.dat"
+                out = root / seq["name"] / representation.cache_dir / f"{stem}.npy"
+                if not spike.is_file():
+                    results[key] = RepresentationResult(key, False, problem=DataError(
+                        spike, f"not found: the {representation.kind} representation is computed from the spike "
+                               "frames (this frame has only spike_vox/ counts)", "missing_folder"))
+                    continue
+                row = rows[(seq["name"], int(frame_idx))]
+                fingerprint = [_stat(str(spike)), row.t0, row.t1, row.spike_t0, hs, ws, representation.tag,
+                               spike_input.CACHE_DTYPE.str]
+                rec = journal.get(key)
+                if rec is not None and rec.get("fp") == fingerprint and (not rec["ok"] or
+                                                                         rec.get("stat") == _stat(str(out))):
+                    results[key] = RepresentationResult.from_record(rec)
+                    continue
+                tasks.append(RepresentationTask(key, str(spike), str(out), row.t0, row.t1, row.spike_t0, hs, ws,
+                                                representation, fingerprint))
+    return tasks, order
+
+
+def _prepare_representation(root: Path, representation: spike_input.Representation, workers: int = 1,
+                            overwrite: bool = False, progress: bool = False
+                            ) -> Tuple[List[DataError], Optional[Tuple[float, float]]]:
+    """Builds a non-voxel representation's caches and `spike_stats_<tag>.json` for the frames of prepared.json
+    (the caller holds the root's lock). A cache is reused only when its journal record matches its inputs and the
+    file is unchanged. Returns (problems, (mean, std)); with any problem nothing vouches for the caches: the
+    statistics file is not written (an older one is removed) and the stats are None."""
+    prepared = read_prepared(root, num_bins=representation.num_bins)
+    journal_name = f".prepare_journal_{representation.tag}.jsonl"
+    results: Dict[str, RepresentationResult] = {}
+    tasks, order = _representation_tasks(root, representation, prepared,
+                                         {} if overwrite else _read_journal(root, journal_name), results)
+    with _open_journal(root / journal_name) as journal_file:
+        def on_result(task: RepresentationTask, res: RepresentationResult) -> None:
+            results[task.key] = res
+            journal_file.write(json.dumps(res.record(task.fingerprint)) + "\n")
+            journal_file.flush()
+
+        _run_tasks(tasks, workers, on_result, progress, process_representation)
+    stats_path = root / representation.stats_name
+    problems = [results[key].problem for _, key in order if not results[key].ok]
+    stats = spike_input.ValueStats()
+    for split, key in order:
+        if split == "train" and results[key].ok:
+            stats.add_sums(results[key].sums)
+    mean, std = stats.mean_std()
+    if not problems and not std > 0:
+        problems.append(DataError(stats_path, f"the train split has no {representation.kind} values to normalise "
+                                              f"with (std of {stats.count} values is 0)", "bad_voxels"))
+    if problems:
+        stats_path.unlink(missing_ok=True)
+        return problems, None
+    atomic_write_json(stats_path, {
+        "format": spike_input.STATS_FORMAT, "version": spike_input.STATS_VERSION, "tag": representation.tag,
+        "representation": representation.kind, "num_bins": representation.num_bins, **representation.params(),
+        "cache_dir": representation.cache_dir, "dtype": spike_input.CACHE_DTYPE.name,
+        "transform": "(x - mean) / std", "split": "train", "mean": mean, "std": std,
+        "num_frames": sum(split == "train" for split, _ in order), "num_values": stats.count,
+        "index_digest": spike_input.index_digest(prepared["splits"]),
+        "offsets": {key: results[key].offset for _, key in order},
+    })
+    return [], (mean, std)
+
+
+def ensure_representation(root, representation: spike_input.Representation) -> None:
+    """Builds `representation` on a prepared root unless its statistics file is current (the embedded dataset's
+    first use of a representation). Safe with several processes (the root's lock). Raises the first DataError."""
+    root = Path(root)
+    if representation.is_voxel or _representation_current(root, representation):
+        return
+    with file_lock(root / LOCK):
+        if _representation_current(root, representation):
+            return
+        problems, _ = _prepare_representation(root, representation)
+        if problems:
+            raise problems[0]
+
+
+def _representation_current(root: Path, representation: spike_input.Representation) -> bool:
+    try:
+        spike_input.read_stats(root / representation.stats_name, representation, read_prepared(root)["splits"])
+    except DataError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -5,6 +5,8 @@
   python scripts/prepare_data.py --root DIR --check_only    # validate only, write nothing
   python scripts/prepare_data.py --convert_from SRC --root DIR   # convert Spk-X4K1000FPS / Spk-GoPro, then prepare
   python scripts/prepare_data.py --root DIR --build_tfds    # also build the TFDS dataset of the prepared frames
+  python scripts/prepare_data.py --root DIR --spike_representation tfp   # also TFP's cache + stats (training's
+                                                            # --config.data.spike_representation=tfp)
 
 Exit status: 0 the root is sound; 1 problems were found (one line each on stderr, naming the file and the
 reason; bad samples were dropped and the rest prepared); 2 nothing usable (unknown layout, no root, no train
@@ -33,6 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_bins", type=int, default=32, help="K, voxel time bins per exposure (default 32)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: min(8, CPU count))")
     p.add_argument("--overwrite", action="store_true", help="rebuild every voxel cache (default: resume)")
+    p.add_argument("--spike_representation", default="voxel", choices=["voxel", "tfp", "tfi", "raw"],
+                   help="also build this representation's cache and train-split statistics (spike_<tag>/, "
+                        "spike_stats_<tag>.json; default: voxels only, which are always built)")
+    p.add_argument("--tfp_half_window", type=int, default=None, help="TFP's h: 2h + 1 frames (default 8)")
+    p.add_argument("--tfi_max_search", type=int, default=None, help="TFI's search length in frames (default 20)")
     p.add_argument("--no_decode_images", action="store_true",
                    help="check PNG headers only (faster; corrupt pixel data is then not detected)")
     p.add_argument("--noprogress", action="store_true", help="no progress bar")
@@ -61,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--check_only writes nothing: run it on the converted root, without --convert_from/--build_tfds")
     if args.num_bins < 1:
         p.error(f"--num_bins must be >= 1, got {args.num_bins}")
+    for flag, low in (("tfp_half_window", 0), ("tfi_max_search", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     v = args.val_from_train
     if not (v >= 0 and (v < 1 or float(v).is_integer())):
         p.error(f"--val_from_train must be 0, a fraction in (0, 1) or a whole number of sequences, got {v:g}")
@@ -102,14 +112,19 @@ def main(argv=None) -> int:
         if report.problems:
             exit_code = 1
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    representation = {"spike_representation": args.spike_representation}
+    representation.update({k: getattr(args, k) for k in ("tfp_half_window", "tfi_max_search")
+                           if getattr(args, k) is not None})
     result = prepare.prepare_root(prepare.PrepareOptions(
         root=root, num_bins=args.num_bins, check_only=args.check_only, workers=workers,
-        overwrite=args.overwrite, decode_images=not args.no_decode_images, progress=not args.noprogress),
-        log=problem)
+        overwrite=args.overwrite, decode_images=not args.no_decode_images, progress=not args.noprogress,
+        **representation), log=problem)
     for note in result.notes:
         problem(f"note: {note}")
     if result.fatal and not args.check_only:   # the problem line(s) above say why
-        print(f"error: nothing prepared in {root} ({prepare.summary_line(result)})", file=sys.stderr)
+        what = f"the {args.spike_representation} representation was not prepared" if result.stats_written else \
+            "nothing prepared"
+        print(f"error: {what} in {root} ({prepare.summary_line(result)})", file=sys.stderr)
         return max(exit_code, result.exit_code)
     verb = "checked" if args.check_only else "prepared"
     print(f"{verb} {root} in {result.seconds:.1f} s: {prepare.summary_line(result)}")

@@ -162,6 +162,12 @@ def test_damaged_checkpoint_config_names_the_step_folder(tmp_path, embedded):
                  str(tmp_path / "w" / "checkpoints" / "last" / "2"), "cannot read the run config", "--workdir")
 
 
+def test_unknown_spike_representation(tmp_path):
+    expect_error(run(tmp_path / "w", "tiny", "--config.data.spike_representation=tpf"),
+                 "data.spike_representation='tpf': expected one of voxel, tfp, tfi, raw")
+    assert_clean(tmp_path / "w")
+
+
 def test_bad_model_dtype(tmp_path):
     expect_error(run(tmp_path / "w", "tiny", "--config.model.dtype=float32x"), "model: dtype='float32x'")
 

@@ -178,6 +178,8 @@ def check_training(config) -> None:
                               f"(optimizer.groups.backbone.frozen_steps={frozen}): vrt.conv_last would stay zero, so "
                               "the output would be the input and no gradient would reach any parameter; set "
                               "--config.init.zero_output_conv=False (or start from trained weights)")
+    from data_pipelines import spike_input
+    spike_input.check_config(_get(config, "data"))   # data.spike_representation and its parameters
     decay = _get(config, "optimizer.ema_decay")
     if decay is not None and not 0.0 <= float(decay) < 1.0:
         raise ConfigError(f"optimizer.ema_decay={decay}: expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")

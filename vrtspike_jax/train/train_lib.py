@@ -555,7 +555,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
     data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
     logging.info("data exclusions: %s", data_counts)
-    setup.spike_zero = float(voxelize.normalize(0, *train_iter.stats))   # the network's input for a zero count
+    setup.spike_zero = train_iter.representation.no_spike_input(*train_iter.stats)   # the input for no spikes
 
     if latest is not None:
         last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
