@@ -40,9 +40,10 @@ flags.DEFINE_list("arms", ["spike", "vrt_only"], "Arms: 'spike' (the config as g
 flags.DEFINE_integer("seeds", 3, "Seeds per arm: config.seed, config.seed + 1, ...")
 flags.DEFINE_integer("steps", None, "Training steps per run (default: the config's total_steps).")
 flags.DEFINE_list("robustness", [], "Also evaluate every spike arm's best checkpoint with perturbed spikes: "
-                  "'no_spikes' (zero counts), 'shift:N' (spikes N voxel bins late; N < 0: early), 'noise:X' (the "
-                  "embedded data re-simulated with X times its read noise, dark current and threshold mismatch, "
-                  "normalised with the training data's statistics).")
+                  "'no_spikes' (the input of a capture without spikes), 'shift:N' (spikes N bins (voxel) or "
+                  "instants (tfp, tfi) late; N < 0: early; not for raw windows), 'noise:X' (the embedded data "
+                  "re-simulated with X times its read noise, dark current and threshold mismatch, normalised with "
+                  "the training data's statistics).")
 flags.DEFINE_integer("frames", 4, "Side-by-side frames per split: one (the middle of its first clip) for each "
                      "of the first N sequences.")
 config_flags.DEFINE_config_file("config", None, "Training configuration (a configs/*.py file, ':variant' args).",
@@ -118,14 +119,24 @@ def parse_perturbation(name: str):
                      "'noise:X' (X >= 0, a factor on the embedded data's noise)")
 
 
+def check_perturbation(kind: str, representation: str, name: str) -> None:
+    """ValueError (one line) for a perturbation the spike representation cannot take. A shift moves the K channels
+    of consecutive exposures along one time line (voxelize.shift_timeline): voxel bins tile it (exactly for
+    exposures without gaps), TFP / TFI's bin-centre instants too (each value moves with its instant; its window
+    stays clipped to the exposure it was computed in); raw windows (K frames around each exposure's centre) do not."""
+    if kind == "shift" and representation == "raw":
+        raise ValueError(f"--robustness {name} with data.spike_representation=raw: the raw windows (K spike frames "
+                         "centred on each exposure) do not tile the time line, so they cannot be shifted along it; "
+                         "use no_spikes or noise:X, or a voxel, tfp or tfi run")
+
+
 class PerturbedSpikes:
     """An evaluation iterator whose spikes are replaced (no_spikes) or moved in time (shift): see --robustness."""
 
     def __init__(self, eval_iter, kind: str, value):
         self.eval_iter, self.kind, self.value = eval_iter, kind, value
-        from data_pipelines import voxelize
-
-        self.zero = float(voxelize.normalize(0, *eval_iter.stats))   # the network's input for a zero count
+        check_perturbation(kind, eval_iter.representation.kind, f"{kind}:{value}")
+        self.zero = eval_iter.representation.no_spike_input(*eval_iter.stats)   # the input of no spikes
 
     def __len__(self) -> int:
         return len(self.eval_iter)
@@ -147,7 +158,7 @@ class PerturbedSpikes:
 def eval_data(config, split: str, perturbation):
     """The data config that evaluates `split` (for 'noise:X', the re-simulated embedded data with the training
     data's statistics)."""
-    from data_pipelines import input_pipeline, layout
+    from data_pipelines import input_pipeline, spike_input
 
     data = copy.deepcopy(config.data)
     data.eval_split = split
@@ -155,7 +166,7 @@ def eval_data(config, split: str, perturbation):
         train_root = input_pipeline.resolve_root(config.data)
         for key in ("noise_std", "dark_current", "threshold_std"):
             data.embedded[key] = float(data.embedded[key]) * perturbation[1]
-        data.stats_file = str(train_root / layout.STATS_JSON)
+        data.stats_file = str(train_root / spike_input.Representation.from_config(config.data).stats_name)
     return data
 
 
@@ -416,6 +427,7 @@ def main(argv):
     for name in FLAGS.robustness:
         try:
             kind, _ = parse_perturbation(name)
+            check_perturbation(kind, str(FLAGS.config.data.get("spike_representation", "voxel")), name)
         except ValueError as error:
             cli.exit_with_error(error)
         if kind == "noise" and FLAGS.config.data.root:

@@ -11,9 +11,12 @@ Inputs (see docs/INFERENCE.md):
   --input_blur: the clip, one image per frame (PNG, JPEG, BMP, TIFF; 8-bit), all the same size, in name order.
   --input_spike: one SpikeCV .dat per frame, named like its frame (000012.png -> 000012.dat), with an alignment log
     (alignment.csv of docs/DATA.md: frame_idx,t0,t1,event_count,seq,spike_t0) giving each frame's exposure window;
-    the frames are voxelised into the model's K bins exactly as prepare_data does.
-  --input_spike_vox: one .npy of integer spike counts [K, H/f, W/f] per frame (prepare_data's spike_vox/ cache).
-  Spike voxels are normalised with the train-split statistics (--voxel_stats, voxel_stats.json of prepare_data).
+    the frames are turned into the run's spike representation (config.data.spike_representation: voxels in the
+    model's K bins, or TFP / TFI / raw windows; voxel for runs older than the switch) exactly as prepare_data does.
+  --input_spike_vox: one .npy of integer spike counts [K, H/f, W/f] per frame (prepare_data's spike_vox/ cache;
+    voxel runs only).
+  The spike input is normalised with the run's train-split statistics (--voxel_stats: voxel_stats.json, or
+  spike_stats_<tag>.json for another representation, written by prepare_data).
   --gt: ground-truth frames with the same names, for PSNR/SSIM (RGB and Y, KAIR/BasicSR conventions).
 
 Outputs: OUTPUT/<name>.png per frame (names of the inputs) and OUTPUT/metrics.json (time per frame, peak memory,
@@ -88,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alignment log for --input_spike (default: alignment.csv in the spike folder or above it)")
     i.add_argument("--seq", default=None, help="the clip's seq in the alignment log (default: inferred)")
     i.add_argument("--voxel_stats", default=None,
-                   help="voxel_stats.json (train-split mean/std of log1p counts; default: from the training "
-                        "config, else voxel_stats.json in the spike folder or above it)")
+                   help="the run's statistics file: voxel_stats.json (train-split mean/std of log1p counts), or "
+                        "spike_stats_<tag>.json for another representation (default: from the training config, "
+                        "else that file in the spike folder or above it)")
     i.add_argument("--gt", default=None, help="folder of ground-truth frames named like the inputs")
     o = p.add_argument_group("output")
     o.add_argument("--output", required=True, help="output folder (created; must not exist or be empty)")
@@ -408,20 +412,33 @@ def _match_stems(blur_stems: Sequence[str], files: Dict[str, Path], folder: Path
         raise InputError(f"{folder}: " + "; ".join(parts))
 
 
-def _stats_path(args, loaded: LoadedModel, spike_dir: Path) -> Path:
+def _stats_path(args, loaded: LoadedModel, spike_dir: Path, name: str) -> Path:
+    """The statistics file `name` (the representation's) of the run: --voxel_stats, the config, else upwards."""
     if args.voxel_stats:
         return Path(args.voxel_stats)
     for candidate in (_config_get(loaded.config, "data", "stats_file"),
-                      (Path(_config_get(loaded.config, "data", "root")) / "voxel_stats.json")
+                      (Path(_config_get(loaded.config, "data", "root")) / name)
                       if _config_get(loaded.config, "data", "root") else None):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    found = _find_upwards(spike_dir, "voxel_stats.json")
+    found = _find_upwards(spike_dir, name)
     if found is None:
-        raise InputError(f"{spike_dir}: spike voxels are normalised with the train-split statistics, but no "
-                         "voxel_stats.json was found beside or above it (nor in the training config): give "
+        raise InputError(f"{spike_dir}: the spike input is normalised with the train-split statistics, but no "
+                         f"{name} was found beside or above it (nor in the training config): give "
                          "--voxel_stats FILE (written by scripts/prepare_data.py)")
     return found
+
+
+def spike_representation(loaded: LoadedModel, bins: int):
+    """The run's spike representation (config.data; voxel for configs older than the switch), with the model's K."""
+    from data_pipelines import spike_input
+    from data_pipelines.errors import DataError
+
+    try:
+        representation = spike_input.Representation.from_config(_config_get(loaded.config, "data", default={}))
+        return dataclasses.replace(representation, num_bins=int(bins))
+    except DataError as err:
+        raise InputError(f"{loaded.description['checkpoint']}: run config: {err}") from None
 
 
 def _seq_for(args, rows, spike_dir: Path, alignment: Path) -> str:
@@ -460,13 +477,20 @@ def build_spike_source(args, loaded: LoadedModel, stems: List[str], blur_dir: Pa
                          f"{f}: the spike frames would be {height / f:g}x{width / f:g}")
     hs, ws = height // f, width // f
     spike_dir = Path(spike_arg)
-    stats_path = _stats_path(args, loaded, spike_dir)
+    representation = spike_representation(loaded, bins)
+    if args.input_spike_vox and not representation.is_voxel:
+        raise InputError(f"{spike_dir}: --input_spike_vox holds voxel counts, but this run was trained on the "
+                         f"{representation.kind} representation (config data.spike_representation): give "
+                         "--input_spike (.dat + alignment)")
+    stats_path = _stats_path(args, loaded, spike_dir, representation.stats_name)
     try:
-        mean, std = voxelize.load_stats(stats_path, num_bins=bins)
+        mean, std = representation.load_stats(stats_path)
     except DataError as err:
         raise InputError(str(err)) from None
     info = {"used": True, "spike_scale": f, "spike_bins": bins, "spike_size_hw": [hs, ws],
-            "voxel_stats": {"path": str(stats_path), "mean": mean, "std": std}}
+            "spike_representation": representation.tag,
+            "voxel_stats" if representation.is_voxel else "spike_stats": {"path": str(stats_path), "mean": mean,
+                                                                          "std": std}}
 
     if args.input_spike:
         files, _ = list_files(spike_dir, (".dat",), ".dat spike")
@@ -499,7 +523,13 @@ def build_spike_source(args, loaded: LoadedModel, stems: List[str], blur_dir: Pa
                 raise InputError(f"{files[stem]}: spike frames span ticks [{row.spike_t0:g}, {row.spike_t0 + n - 1:g}] "
                                  f"({n} frames of {ws}x{hs} (WxH) from spike_t0={row.spike_t0:g}), which does not "
                                  f"cover the exposure window [{row.t0:g}, {row.t1:g}] ({alignment}:{row.line})")
-            # Only the frames inside the window matter (the voxeliser drops the others); one extra on each side.
+            if not representation.is_voxel:   # its window rules on an empty 1x1 stream: a raw window too long
+                try:                           # for the exposure is found before any compute
+                    representation.compute(np.zeros((n, 1, 1), np.uint8), row.frame_times(n), row.t0, row.t1,
+                                           where=files[stem])
+                except DataError as err:
+                    raise InputError(str(err)) from None
+            # Only the frames inside the window matter (every representation drops the others); one extra each side.
             start = max(0, int(math.floor(row.t0 - row.spike_t0)) - 1)
             stop = min(n, int(math.ceil(row.t1 - row.spike_t0)) + 2)
             plan.append((files[stem], start, stop, row))
@@ -507,8 +537,10 @@ def build_spike_source(args, loaded: LoadedModel, stems: List[str], blur_dir: Pa
         def load(t):
             path, start, stop, row = plan[t]
             spikes = spike_dat.read_dat(path, hs, ws, start, stop)
-            counts = voxelize.count_spikes(spikes, row.spike_t0 + np.arange(start, stop, dtype=np.float64),
-                                           row.t0, row.t1, bins)
+            times = row.spike_t0 + np.arange(start, stop, dtype=np.float64)
+            if not representation.is_voxel:   # float16, as the training cache holds it
+                return np.transpose(representation.cached(spikes, times, row.t0, row.t1, where=path), (1, 2, 0))
+            counts = voxelize.count_spikes(spikes, times, row.t0, row.t1, bins)
             return _compact_counts(np.transpose(counts, (1, 2, 0)))
 
         info.update(format="dat", folder=str(spike_dir), alignment=str(alignment), seq=seq)
@@ -536,8 +568,8 @@ def build_spike_source(args, loaded: LoadedModel, stems: List[str], blur_dir: Pa
 
         info.update(format="npy", folder=str(spike_dir))
 
-    def convert(counts):
-        return voxelize.normalize(counts, mean, std)
+    def convert(values):
+        return representation.normalize(values, mean, std)
 
     return FrameSource(stems, load, (hs, ws, bins), convert), info
 

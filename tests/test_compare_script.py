@@ -101,3 +101,43 @@ def test_a_bad_perturbation_is_a_one_line_error(tmp_path, flag, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "no_spikes" in errors[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_shift_of_raw_windows_is_a_one_line_error(tmp_path):
+    result = run(compare_command(tmp_path / "w", tmp_path, "--robustness=no_spikes,shift:1",
+                                 "--config.data.spike_representation=raw"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--robustness shift:1 with data.spike_representation=raw" in errors[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_perturbations_feed_the_representations_input_of_no_spikes():
+    import importlib.util
+
+    from data_pipelines import spike_input
+
+    spec = importlib.util.spec_from_file_location("compare_script", testing.REPO_ROOT / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    class Eval:   # the evaluation iterator's interface: batches, stats, representation
+        stats = (0.3, 0.5)
+
+        def __init__(self, kind):
+            self.representation = spike_input.Representation(kind, 4, tfi_max_search=5)
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            yield {"spike_vox": np.ones((1, 2, 3, 3, 4), np.float32)}
+
+    zero = (float(np.float16(1 / 10)) - 0.3) / 0.5          # TFI of no spikes: 1 / 2m, normalised
+    (batch,) = compare.PerturbedSpikes(Eval("tfi"), "no_spikes", None)
+    np.testing.assert_allclose(batch["spike_vox"], zero, rtol=1e-6)
+    (batch,) = compare.PerturbedSpikes(Eval("tfi"), "shift", 1)     # the first instant is left without spikes
+    np.testing.assert_allclose(batch["spike_vox"][..., 0, :, :, 0], zero, rtol=1e-6)
+    assert (batch["spike_vox"][..., 1:] == 1).all() and (batch["spike_vox"][..., 1, :, :, 0] == 1).all()
+    with pytest.raises(ValueError, match="shift:1 with data.spike_representation=raw"):
+        compare.PerturbedSpikes(Eval("raw"), "shift", 1)
