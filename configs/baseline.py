@@ -24,8 +24,13 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
             temporal self-attention and the fusion train (meant with --config.model.init_vrt_from=<VRT .npz>;
             keeps vrt.conv_last as initialised, never zero).
   staged    two phases in one run: the spike path and the fusion alone for the first 10k steps (VRT frozen: its
-            groups' frozen_steps = 10000), then everything; resumes exactly across the boundary. Meant with
-            --config.model.init_vrt_from=<VRT .npz>.
+            groups' frozen_steps = 10000), then everything at a new schedule (optimizer.restart_at = 10000: warm-up
+            and cosine again); resumes exactly across the boundary. Meant with --config.model.init_vrt_from=<VRT .npz>.
+            Phase 2 with LoRA instead of VRT's weights: `:lora --config.optimizer.groups.lora.frozen_steps=10000
+            --config.optimizer.restart_at=10000` (docs/TRAINING.md section 2b).
+  lora      VRT frozen as in frozen_backbone, adapted by LoRA (rank 8, alpha 16) on every TMSA attention and MLP
+            projection (lora.targets); the factors, the spike path and the fusion train. Meant with
+            --config.model.init_vrt_from=<VRT .npz>; scripts/merge_lora.py folds the factors into plain weights.
   ema       an exponential moving average of the parameters (decay 0.999, S-VRT main's) for validation, best and
             the restorer.
   bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test
@@ -111,9 +116,15 @@ def _frozen_backbone(config: ml_collections.ConfigDict) -> None:
     config.init.zero_output_conv = False        # a frozen zero output conv would pass no gradient to anything
 
 
+def _lora(config: ml_collections.ConfigDict) -> None:
+    _frozen_backbone(config)
+    config.lora.rank = 8
+
+
 def _staged(config: ml_collections.ConfigDict) -> None:
     for group in ("backbone", "spynet", "deform"):
         config.optimizer.groups[group].frozen_steps = 10_000
+    config.optimizer.restart_at = 10_000        # phase 2 has a schedule of its own (warm-up + cosine)
     config.init.zero_output_conv = False        # a zero output conv frozen in phase 1 would pass no gradient
 
 
@@ -129,6 +140,7 @@ VARIANTS = {
     "frozen_backbone": _frozen_backbone,
     "staged": _staged,
     "ema": lambda c: setattr(c.optimizer, "ema_decay", 0.999),
+    "lora": _lora,
 }
 
 

@@ -267,7 +267,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     from vrtspike_jax import losses
-    from vrtspike_jax.train import param_groups, preflight, sharding, train_lib
+    from vrtspike_jax.train import lora, param_groups, preflight, sharding, train_lib
 
     try:
         config = configure(args)
@@ -318,7 +318,7 @@ def main(argv=None):
 
         @jax.jit
         def forward(params, frames, spikes):
-            return nnx.merge(graphdef, params)(frames, spikes)
+            return nnx.merge(graphdef, lora.apply(params, setup.lora_spec))(frames, spikes)
 
         def forward_args(i):
             b = batches[i % 2]

@@ -122,5 +122,64 @@ def make_tiny_root(path, prepare_it: bool = True, num_bins: int = 32, **override
     return root
 
 
+# ------------------------------------------------------------------------------------------- tiny train steps
+
+TINY_BATCH_SHAPES = {"blur": (2, 2, 64, 64, 3), "sharp": (2, 2, 64, 64, 3), "spike_vox": (2, 2, 64, 64, 4)}
+
+
+def tiny_batch(seed: int = 0) -> Dict[str, "np.ndarray"]:
+    """A random batch of TINY_BATCH_SHAPES (frames in [0, 1), normal spike inputs)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {k: (rng.normal(size=shape) if k == "spike_vox" else rng.uniform(size=shape)).astype(np.float32)
+            for k, shape in TINY_BATCH_SHAPES.items()}
+
+
+def compiled_tiny_step(config):
+    """(setup, mesh, params, train_state, compiled step) of `config` on one device, at step 0."""
+    import jax
+
+    from vrtspike_jax.train import sharding, train_lib
+
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    setup = train_lib.build_train_setup(config, mesh)
+    params, state = setup.init_state(train_lib._host_init(config, setup.model_mapping), config.seed)
+    compiled, _, _ = setup.compile_step(params, state, TINY_BATCH_SHAPES)
+    return setup, mesh, params, state, compiled
+
+
+def tiny_train_steps(config, steps: int):
+    """`steps` train steps of the compiled step on one batch: (compiled FLOPs, params after each step, state)."""
+    import jax
+
+    from vrtspike_jax.train import sharding
+
+    setup, mesh, params, state, step = compiled_tiny_step(config)
+    batch = sharding.global_batch(tiny_batch(), mesh, setup.keys)
+    history = [jax.device_get(params)]
+    for _ in range(steps):
+        params, state, _ = step(params, state, batch, setup.vgg_params)
+        history.append(jax.device_get(params))
+    return step.cost_analysis()["flops"], history, jax.device_get(state)
+
+
+def group_leaves(params, group: str) -> list:
+    """The leaves of `params` in parameter group `group` (vrtspike_jax/train/param_groups.py), in tree order."""
+    import jax
+
+    from vrtspike_jax.train import param_groups
+
+    return [leaf for leaf, g in zip(jax.tree.leaves(params), jax.tree.leaves(param_groups.group_tree(params)))
+            if g == group]
+
+
+def same_leaves(a, b) -> bool:
+    import numpy as np
+
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 __all__ = ["MAIN", "REPO_ROOT", "TEST_XLA_FLAGS", "losses_by_step", "main_command", "overrides_to_flags",
-           "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides", "TINY_SPEC", "make_tiny_root"]
+           "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides", "TINY_SPEC", "make_tiny_root",
+           "TINY_BATCH_SHAPES", "compiled_tiny_step", "group_leaves", "same_leaves", "tiny_batch", "tiny_train_steps"]

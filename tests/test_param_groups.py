@@ -5,8 +5,9 @@ import numpy as np
 import optax
 import pytest
 
+import helpers as testing
 from configs import baseline
-from vrtspike_jax.train import checkpointing, param_groups, preflight, sharding, train_lib
+from vrtspike_jax.train import checkpointing, param_groups, preflight, train_lib
 
 
 def test_every_parameter_of_the_spike_model_has_its_group():
@@ -14,14 +15,14 @@ def test_every_parameter_of_the_spike_model_has_its_group():
     _, abstract = checkpointing.abstract_model(checkpointing.model_mapping(config.model))
     paths = jax.tree.leaves(param_groups.path_tree(abstract))
     groups = dict(zip(paths, jax.tree.leaves(param_groups.group_tree(abstract))))
-    assert set(groups.values()) == set(param_groups.GROUP_NAMES)
+    assert set(groups.values()) == set(param_groups.GROUP_NAMES) - {"lora"}   # no LoRA factors without config.lora
     assert groups["vrt/spynet/basic_module/0/convs/0/kernel"] == "spynet"
     deform = [p for p in paths if "pa_deform" in p]
     assert deform and all(groups[p] == "deform" for p in deform)        # offsets and the DCN weights (KAIR "deform")
     assert groups["vrt/conv_first/kernel"] == "backbone" and groups["vrt/conv_last/kernel"] == "backbone"
     assert all(groups[p] == "fusion" for p in paths if p.startswith("cross_attn_fuse/"))
     with pytest.raises(ValueError, match="in no parameter group"):
-        param_groups.group_of("lora/0/a")
+        param_groups.group_of("adapters/0/a")
 
 
 def test_a_multiplier_is_adamw_at_that_learning_rate():
@@ -42,55 +43,22 @@ def test_a_multiplier_is_adamw_at_that_learning_rate():
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
 
 
-SHAPES = {"blur": (2, 2, 64, 64, 3), "sharp": (2, 2, 64, 64, 3), "spike_vox": (2, 2, 64, 64, 4)}
-
-
-def _compiled_step(config):
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    setup = train_lib.build_train_setup(config, mesh)
-    params, state = setup.init_state(train_lib._host_init(config, setup.model_mapping), config.seed)
-    compiled, _, _ = setup.compile_step(params, state, SHAPES)
-    return setup, mesh, params, state, compiled
-
-
-def _tiny_run(config, steps):
-    """`steps` train steps of the compiled step on one batch: (compiled FLOPs, params after each step, state)."""
-    setup, mesh, params, state, step = _compiled_step(config)
-    rng = np.random.default_rng(0)
-    batch = {"blur": rng.uniform(size=(2, 2, 64, 64, 3)).astype(np.float32),
-             "sharp": rng.uniform(size=(2, 2, 64, 64, 3)).astype(np.float32),
-             "spike_vox": rng.normal(size=(2, 2, 64, 64, 4)).astype(np.float32)}
-    batch = sharding.global_batch(batch, mesh, setup.keys)
-    history = [jax.device_get(params)]
-    for _ in range(steps):
-        params, state, _ = step(params, state, batch, setup.vgg_params)
-        history.append(jax.device_get(params))
-    return step.cost_analysis()["flops"], history, jax.device_get(state)
-
-
-def _group_leaves(params, group):
-    return [leaf for leaf, g in zip(jax.tree.leaves(params), jax.tree.leaves(param_groups.group_tree(params)))
-            if g == group]
-
-
-def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
 def test_frozen_groups_stay_bit_identical_and_the_warm_up_unfreezes_at_step_n():
     config = baseline.get_config("tiny,frozen_backbone")
     config.optimizer.groups.deform.frozen_steps = 2           # KAIR-style: frozen for 2 steps, then 0.125x
     config.optimizer.groups.deform.lr_multiplier = 0.125
     config.optimizer.warmup_steps = 0
     preflight.check_training(config)
-    flops, history, state = _tiny_run(config, 3)
+    flops, history, state = testing.tiny_train_steps(config, 3)
     for group in ("backbone", "spynet"):                      # frozen for the run
-        assert all(_same(_group_leaves(h, group), _group_leaves(history[0], group)) for h in history)
-    deform = [_group_leaves(h, "deform") for h in history]
-    assert _same(deform[1], deform[0]) and _same(deform[2], deform[0])   # steps 0 and 1: frozen
-    assert not _same(deform[3], deform[0])                    # step 2 (the 3rd) trains it
+        assert all(testing.same_leaves(testing.group_leaves(h, group), testing.group_leaves(history[0], group))
+                   for h in history)
+    deform = [testing.group_leaves(h, "deform") for h in history]
+    # steps 0 and 1: frozen
+    assert testing.same_leaves(deform[1], deform[0]) and testing.same_leaves(deform[2], deform[0])
+    assert not testing.same_leaves(deform[3], deform[0])                    # step 2 (the 3rd) trains it
     for group in ("spike_encoder", "spike_temporal_sa", "fusion"):
-        assert not _same(_group_leaves(history[1], group), _group_leaves(history[0], group))
+        assert not testing.same_leaves(testing.group_leaves(history[1], group), testing.group_leaves(history[0], group))
     inner = state["opt_state"][1].inner_states
     assert jax.tree.leaves(inner["frozen"]) == []              # no optimizer state for groups frozen for the run
     warm = inner["lr0.125_after2"].inner_state
@@ -102,7 +70,7 @@ def test_frozen_groups_stay_bit_identical_and_the_warm_up_unfreezes_at_step_n():
     # The compiled step does less: the frozen groups' weight gradients (SpyNet's above all) are dead code for XLA
     # (measured: 21.5 against 46.3 GFLOPs for this tiny step; the deformable convolutions' gate is a select and
     # saves nothing while they are frozen for N steps).
-    full = _compiled_step(baseline.get_config("tiny"))[-1].cost_analysis()["flops"]
+    full = testing.compiled_tiny_step(baseline.get_config("tiny"))[-1].cost_analysis()["flops"]
     assert flops < 0.6 * full, (flops, full)
 
 
@@ -134,3 +102,51 @@ def test_bad_group_settings_are_start_up_errors(group, field, value, message):
         config.optimizer.groups[name].frozen_steps = -1
     with pytest.raises(preflight.ConfigError, match="nothing would train"):
         preflight.check_training(config)
+
+
+def _last_learning_rates(config, steps):
+    """{optax label: the learning rate of its last update} after `steps` updates of the config's optimizer."""
+    tx, schedule = train_lib.make_optimizer(config)
+    params = {"vrt": {"stages": {0: {"pa_deform": {"w": jnp.ones(3)}}}, "conv_first": {"w": jnp.ones(3)}},
+              "cross_attn_fuse": {"w": jnp.ones(2)}}
+    state = tx.init(params)
+    for _ in range(steps):
+        _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    inner = state[1].inner_states if isinstance(state, tuple) else state.inner_states
+    found = {}
+    for label, sub in inner.items():
+        injected = [s for s in jax.tree.leaves(sub, is_leaf=train_lib._is_injected) if train_lib._is_injected(s)]
+        found[label] = float(injected[0].hyperparams["learning_rate"]) if injected else None
+    return found, schedule
+
+
+def test_a_group_frozen_for_n_steps_follows_the_runs_schedule_once_it_trains():
+    """KAIR's global scheduler: after fix_iter the flow parts train at the run's (x multiplier) rate, not at a warm-up
+    of their own starting at 0."""
+    config = baseline.get_config("tiny")
+    config.total_steps, config.optimizer.schedule_steps, config.optimizer.warmup_steps = 100, None, 10
+    config.optimizer.groups.deform.frozen_steps = 2
+    rates, schedule = _last_learning_rates(config, 4)          # the 4th update is the run's step 3
+    assert rates["lr1_after2"] == rates["lr1"] == pytest.approx(float(schedule(3)), rel=1e-6) and rates["lr1"] > 0
+
+
+def test_restart_at_runs_the_schedule_again_from_that_step():
+    config = baseline.get_config("tiny,staged")
+    config.total_steps, config.optimizer.schedule_steps, config.optimizer.warmup_steps = 100, None, 4
+    config.optimizer.restart_at = 30
+    for group in ("backbone", "spynet", "deform"):
+        config.optimizer.groups[group].frozen_steps = 30
+    _, schedule = train_lib.make_optimizer(config)
+    opt = config.optimizer
+    first = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, 4, 30, opt.end_learning_rate)
+    second = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, 4, 70, opt.end_learning_rate)
+    for step in (0, 2, 4, 17, 29, 30, 32, 34, 60, 99, 100):
+        want = first(step) if step < 30 else second(step - 30)
+        assert float(schedule(step)) == pytest.approx(float(want), rel=1e-6, abs=1e-12), step
+    assert float(schedule(29)) < 1e-5 < float(schedule(34))  # decayed at the end of phase 1, warmed up again
+    rates, _ = _last_learning_rates(config, 33)                # the 33rd update is step 32: phase 2's 3rd
+    assert rates["lr1_after30"] == rates["lr1"] == pytest.approx(float(second(2)), rel=1e-6)
+    for bad in (-1, 100):
+        config.optimizer.restart_at = bad
+        with pytest.raises(preflight.ConfigError, match=f"optimizer.restart_at={bad}: expected 0"):
+            preflight.check_training(config)

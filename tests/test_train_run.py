@@ -252,13 +252,14 @@ def test_two_processes_match_one_process_write_their_parts_and_resume(reference_
     assert pair["ssim_y"] == pytest.approx(single["ssim_y"], abs=1e-6)
 
 
-def test_warm_up_spike_dropout_and_ema_resume_exactly_across_the_unfreeze(shared, tmp_path):
-    """KAIR-style warm-up (the deformable convolutions frozen for the first 3 steps, then 0.125x) with spike dropout
-    and an EMA: a run stopped at step 2 (N - 1) and resumed to 4 logs the same losses as the uninterrupted run, step
-    by step, validates the same EMA, and the restorer loads the EMA from `last` and `best`."""
+def test_warm_up_spike_dropout_ema_and_lora_resume_exactly_across_the_unfreeze(shared, tmp_path):
+    """KAIR-style warm-up (the deformable convolutions frozen for the first 3 steps, then 0.125x) with spike dropout,
+    an EMA and LoRA factors (rank 4): a run stopped at step 2 (N - 1) and resumed to 4 logs the same losses as the
+    uninterrupted run, step by step, validates the same EMA, and the restorer loads the EMA (factors merged) from
+    `last` and `best`."""
     overrides = testing.tiny_overrides(shared["embedded"], shared["cache"], total_steps=4, **{
         "optimizer.groups.deform.frozen_steps": 3, "optimizer.groups.deform.lr_multiplier": 0.125,
-        "data.spike_dropout": 0.5, "optimizer.ema_decay": 0.5, "eval.triptych_every_steps": 0})
+        "data.spike_dropout": 0.5, "optimizer.ema_decay": 0.5, "eval.triptych_every_steps": 0, "lora.rank": 4})
     straight = tmp_path / "straight"
     testing.run_main(straight, "tiny", overrides)
     stopped = tmp_path / "stopped"
@@ -280,6 +281,8 @@ def test_warm_up_spike_dropout_and_ema_resume_exactly_across_the_unfreeze(shared
     assert all(np.array_equal(a, b) for a, b in zip(*last))
     with ocp.StandardCheckpointer() as checkpointer:   # the raw parameters differ from the EMA the restorer loads
         raw = checkpointer.restore(straight / "checkpoints" / "last" / "4" / "params")
+    assert set(raw) == {"vrt", "spike_encoder", "spike_temporal_sa", "cross_attn_fuse", "lora"}   # full state
+    raw.pop("lora")
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), last[0]))
     # `best` (step 2 or 4, whichever validated better) holds the EMA of its step, as the `last` checkpoint of that
     # step does (checkpoints every 2 steps, 3 kept).

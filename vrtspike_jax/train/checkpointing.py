@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vrtspike_jax.models import VRTWithSpike, build_model
+from vrtspike_jax.train import lora
 
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last", "best"
@@ -272,6 +273,9 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
     mapping = model_mapping(config_dict["model"])
     mapping.pop("init_vrt_from", None)
     graphdef, abstract_params = abstract_model(mapping)
+    lora_spec = lora.spec_from_config(config)
+    if lora_spec is not None:   # the checkpoint holds VRT's weights and the LoRA factors: folded in below
+        abstract_params = {**abstract_params, lora.KEY: lora.abstract_adapters(abstract_params, lora_spec)}
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
@@ -285,6 +289,9 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
         else:
             params = checkpointer.restore(step_dir / "params", target)
             what = "EMA parameters" if ema_decay > 0 else "model parameters"
+    if lora_spec is not None:
+        params = lora.merge(params, lora_spec)
+        what += f" with LoRA (rank {lora_spec.rank}) merged"
     model = nnx.merge(graphdef, params)
     logging.info("loaded %s from %s", what, step_dir)
     return model, config

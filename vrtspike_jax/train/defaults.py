@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 5000
     config.optimizer.end_learning_rate = 1e-7
     config.optimizer.schedule_steps = placeholder(int)   # cosine horizon; None: total_steps
+    config.optimizer.restart_at = 0             # R > 0: warm-up + cosine over [0, R), then again over [R, horizon)
     config.optimizer.grad_clip_norm = 1.0       # global-norm clipping; 0 disables
     # > 0 (e.g. 0.999): an exponential moving average of the parameters, updated after every applied step; validation,
     # `best` and the restorer use it. 0: none.
@@ -73,6 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
     # (0 trains from the start, N > 0 frozen for the first N steps, -1 frozen for the run).
     config.optimizer.groups = ml_collections.ConfigDict(
         {name: ml_collections.ConfigDict(dict(lr_multiplier=1.0, frozen_steps=0)) for name in GROUP_NAMES})
+
+    # LoRA of VRT's TMSA projections (vrtspike_jax/train/lora.py): W + (alpha / rank) a @ b, factors in the parameter
+    # group `lora`. rank 0: none. The `lora` variant of configs/baseline.py sets rank 8 and freezes VRT's own weights.
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0
+    config.lora.alpha = 16.0
+    config.lora.targets = ("qkv_self", "qkv_mut", "proj", "fc11", "fc12", "fc2")
 
     config.loss = ml_collections.ConfigDict()
     config.loss.charbonnier_delta = 1e-3

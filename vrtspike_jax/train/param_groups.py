@@ -9,6 +9,7 @@ Groups (a parameter belongs to the first group whose pattern matches its path in
   spike_encoder      spike_encoder/...
   spike_temporal_sa  spike_temporal_sa/...
   fusion             cross_attn_fuse/...
+  lora               lora/...  the LoRA factors of VRT's TMSA projections (config `lora`, train/lora.py)
 
 Per group, `optimizer.groups.<name>`:
   lr_multiplier  the group's learning rate is the schedule's times this (default 1).
@@ -42,6 +43,7 @@ GROUPS: Tuple[Tuple[str, str], ...] = (
     ("spike_encoder", r"^spike_encoder/"),
     ("spike_temporal_sa", r"^spike_temporal_sa/"),
     ("fusion", r"^cross_attn_fuse/"),
+    ("lora", r"^lora/"),
 )
 GROUP_NAMES = tuple(name for name, _ in GROUPS)
 ALWAYS = -1
@@ -67,12 +69,13 @@ def group_tree(params) -> Any:
 
 
 def group_settings(config) -> Dict[str, Tuple[float, int]]:
-    """{group: (lr_multiplier, frozen_steps)} from `config.optimizer.groups` (every group; defaults (1.0, 0))."""
+    """{group: (lr_multiplier, frozen_steps)} from `config.optimizer.groups` (every group; defaults (1.0, 0), also
+    for a group that a saved run config predates)."""
     groups = config.optimizer.groups
     out = {}
     for name in GROUP_NAMES:
-        g = groups[name]
-        out[name] = (float(g.lr_multiplier), int(g.frozen_steps))
+        g = groups.get(name) or {"lr_multiplier": 1.0, "frozen_steps": 0}
+        out[name] = (float(g["lr_multiplier"]), int(g["frozen_steps"]))
     return out
 
 

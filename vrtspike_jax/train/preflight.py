@@ -161,8 +161,9 @@ def check_model(config) -> None:
 
 
 def check_training(config) -> None:
-    """Training options with a valid range: parameter groups (optimizer.groups), data.spike_dropout in [0, 1) and
-    only with spikes."""
+    """Training options with a valid range: parameter groups (optimizer.groups), LoRA (lora: rank, alpha, targets;
+    its factors must train), optimizer.restart_at inside the schedule, data.spike_dropout in [0, 1) and only with
+    spikes."""
     from vrtspike_jax.train import param_groups
 
     if _get(config, "optimizer.groups") is not None:
@@ -178,8 +179,23 @@ def check_training(config) -> None:
                               f"(optimizer.groups.backbone.frozen_steps={frozen}): vrt.conv_last would stay zero, so "
                               "the output would be the input and no gradient would reach any parameter; set "
                               "--config.init.zero_output_conv=False (or start from trained weights)")
+    from vrtspike_jax.train import lora
+
+    try:
+        spec = lora.spec_from_config(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if spec is not None and param_groups.group_settings(config)["lora"][1] == param_groups.ALWAYS:
+        raise ConfigError(f"lora.rank={spec.rank} with optimizer.groups.lora.frozen_steps=-1: the LoRA factors would "
+                          "never train; set --config.lora.rank=0 or let the group train")
     from data_pipelines import spike_input
     spike_input.check_config(_get(config, "data"))   # data.spike_representation and its parameters
+    restart = int(_get(config, "optimizer.restart_at") or 0)
+    horizon = int(_get(config, "optimizer.schedule_steps") or _get(config, "total_steps") or 0)
+    if restart < 0 or (restart > 0 and restart >= horizon):
+        raise ConfigError(f"optimizer.restart_at={restart}: expected 0 (one schedule) or a step in (0, {horizon}) "
+                          "where the schedule starts again (the schedule's horizon is optimizer.schedule_steps or "
+                          "total_steps)")
     decay = _get(config, "optimizer.ema_decay")
     if decay is not None and not 0.0 <= float(decay) < 1.0:
         raise ConfigError(f"optimizer.ema_decay={decay}: expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")

@@ -44,7 +44,7 @@ from flax import nnx
 
 from vrtspike_jax.losses import RestorationLoss
 from vrtspike_jax.models import build_model
-from vrtspike_jax.train import checkpointing, param_groups, preflight, sharding, validation
+from vrtspike_jax.train import checkpointing, lora, param_groups, preflight, sharding, validation
 from vrtspike_jax.train.run_record import write_run_record
 
 TRAIN_BATCH_KEYS = ("blur", "sharp", "spike_vox")
@@ -120,20 +120,38 @@ def progress_while(what: str, every_seconds: float = 30.0):
         thread.join()
 
 
-def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping then AdamW (decoupled weight decay on every parameter) with linear warm-up from 0 to
-    `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at `optimizer.schedule_steps`
-    (None: `total_steps`); per parameter group frozen or at a learning-rate multiplier (`optimizer.groups`,
-    vrtspike_jax/train/param_groups.py). Returns (transformation, schedule)."""
+def make_schedule(config) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at
+    `optimizer.schedule_steps` (None: `total_steps`). With `optimizer.restart_at` = R > 0 (staged training) the
+    schedule runs twice: once over steps [0, R), and again, warm-up included, over [R, horizon)
+    (`optax.join_schedules`)."""
     opt = config.optimizer
     total = int(_get(config, "optimizer.schedule_steps") or config.total_steps)
     warmup = int(opt.warmup_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=min(warmup, max(total - 1, 0)),
-        decay_steps=max(total, warmup + 1, 1), end_value=float(opt.end_learning_rate))
 
-    def adamw():
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
+    def warmup_cosine(steps: int) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=min(warmup, max(steps - 1, 0)),
+            decay_steps=max(steps, warmup + 1, 1), end_value=float(opt.end_learning_rate))
+
+    restart = int(_get(config, "optimizer.restart_at", 0) or 0)
+    if 0 < restart < total:
+        return optax.join_schedules([warmup_cosine(restart), warmup_cosine(total - restart)], [restart])
+    return warmup_cosine(total)
+
+
+def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW (decoupled weight decay on every parameter) at `make_schedule`'s learning rate,
+    per parameter group frozen or at a learning-rate multiplier (`optimizer.groups`,
+    vrtspike_jax/train/param_groups.py). A group frozen for its first N steps follows the run's schedule once it
+    trains (its AdamW counts from 0 at step N, its learning rate is the schedule's at the run's step, as KAIR's
+    global scheduler gives). Returns (transformation, schedule)."""
+    opt = config.optimizer
+    schedule = make_schedule(config)
+
+    def adamw(offset: int = 0):
+        rate = schedule if offset == 0 else (lambda count: schedule(count + offset))
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=rate, b1=float(opt.b1), b2=float(opt.b2),
                                                      eps=float(opt.eps), weight_decay=float(opt.weight_decay))
 
     settings = param_groups.group_settings(config)
@@ -147,7 +165,8 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
             if frozen_steps == param_groups.ALWAYS:
                 transforms[label] = optax.set_to_zero()
                 continue
-            inner = adamw() if multiplier == 1.0 else optax.chain(adamw(), optax.scale(multiplier))
+            offset = max(frozen_steps, 0)
+            inner = adamw(offset) if multiplier == 1.0 else optax.chain(adamw(offset), optax.scale(multiplier))
             if frozen_steps > 0:
                 inner = optax.transforms.conditionally_mask(inner, lambda count, n=frozen_steps: count >= n)
             transforms[label] = inner
@@ -213,7 +232,8 @@ def drop_spikes(spike_vox: jax.Array, rng: jax.Array, rate: float, zero_value: f
 
 
 def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransformation, *, use_spike: bool,
-                    spike_dropout: float = 0.0, spike_zero: float = 0.0, gradient_gate=None, ema_decay: float = 0.0):
+                    spike_dropout: float = 0.0, spike_zero: float = 0.0, gradient_gate=None, ema_decay: float = 0.0,
+                    lora_spec: Optional[lora.LoRASpec] = None):
     """The pure train step `(params, train_state, batch, vgg_params) -> (params, train_state, metrics)`.
 
     params: the model's nnx.Param pure dict. train_state: {"step": int32, "opt_state", "rng": uint32 key data}.
@@ -224,6 +244,7 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
     gradient_gate: `param_groups.gradient_gate(...)` when parameter groups are frozen (their gradients stop).
     ema_decay > 0: train_state["ema"] (a parameter tree) becomes `decay * ema + (1 - decay) * new params` after every
     applied update (optax.incremental_update); a skipped step leaves it as it was.
+    lora_spec: params holds LoRA factors (params["lora"]); the model runs with them folded in (`lora.apply`).
     """
 
     def train_step(params, train_state, batch, vgg_params):
@@ -237,7 +258,7 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
         def compute_loss(p):
             if gradient_gate is not None:
                 p = gradient_gate(p, step)
-            model = nnx.merge(graphdef, p)
+            model = nnx.merge(graphdef, lora.apply(p, lora_spec))
             restored = model(batch["blur"], spikes, rng=rng)
             return loss_fn(restored, batch["sharp"], vgg_params)
 
@@ -285,6 +306,7 @@ class TrainSetup:
     spike_zero: float = 0.0     # normalised voxel value of zero counts (set from the data's statistics)
     gradient_gate: Any = None   # param_groups.gradient_gate when a group is frozen
     ema_decay: float = 0.0      # > 0: train_state["ema"], an exponential moving average of the parameters
+    lora_spec: Optional[lora.LoRASpec] = None   # params["lora"] holds LoRA factors (train/lora.py)
 
     @property
     def keys(self) -> Tuple[str, ...]:
@@ -322,7 +344,7 @@ class TrainSetup:
         vgg_shardings = jax.tree.map(lambda _: repl, self.vgg_params)
         step = make_train_step(self.graphdef, self.loss_fn, self.tx, use_spike=self.use_spike,
                                spike_dropout=self.spike_dropout, spike_zero=self.spike_zero,
-                               gradient_gate=self.gradient_gate, ema_decay=self.ema_decay)
+                               gradient_gate=self.gradient_gate, ema_decay=self.ema_decay, lora_spec=self.lora_spec)
         return jax.jit(step,
                        in_shardings=(self.param_shardings, self.train_state_shardings, self.batch_shardings,
                                      vgg_shardings),
@@ -350,6 +372,9 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
     loss_fn = make_loss(config, vgg_params)
     mapping = checkpointing.model_mapping(config.model)
     graphdef, abstract_params = checkpointing.abstract_model(mapping)
+    lora_spec = lora.spec_from_config(config)
+    if lora_spec is not None:
+        abstract_params = {**abstract_params, lora.KEY: lora.abstract_adapters(abstract_params, lora_spec)}
     param_shardings = sharding.tree_shardings(abstract_params, mesh, config.mesh)
     tx, _ = make_optimizer(config)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -370,7 +395,8 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
                       param_shardings=param_shardings, abstract_train_state=abstract_train_state,
                       train_state_shardings=train_state_shardings, tx=tx, loss_fn=loss_fn,
                       use_spike=bool(mapping.get("use_spike", True)), model_mapping=mapping, vgg_params=vgg_params,
-                      spike_dropout=float(config.data.spike_dropout), gradient_gate=gate, ema_decay=ema_decay)
+                      spike_dropout=float(config.data.spike_dropout), gradient_gate=gate, ema_decay=ema_decay,
+                      lora_spec=lora_spec)
 
 
 class StepMetrics:
@@ -445,7 +471,7 @@ def _host_init(config, model_mapping: Dict[str, Any]) -> Dict[str, Any]:
         # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
         params["vrt"]["conv_last"] = jax.tree.map(np.zeros_like, params["vrt"]["conv_last"])
         logging.info("vrt.conv_last initialised to zero: the model starts as the identity")
-    return params
+    return lora.with_adapters(params, lora.spec_from_config(config), int(config.seed))
 
 
 @contextlib.contextmanager
@@ -538,6 +564,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 f"config of this checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:200]}); move that "
                 "step folder away to resume from the previous one, or use a new --workdir") from err
         diffs = _model_differences(saved_config.get("model", {}), config_dict["model"])
+        saved_lora = saved_config.get("lora") or {}
+        if saved_lora.get("rank") or config_dict["lora"]["rank"]:   # LoRA factors change the parameter tree
+            diffs += _model_differences(saved_lora, config_dict["lora"], "lora")
         if diffs:
             raise preflight.ConfigError(f"{workdir} holds checkpoints of another model; differences: "
                                         f"{'; '.join(diffs)}. Use a new --workdir (or the same model config) to go on.")
@@ -632,7 +661,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         start = time.perf_counter()
         evaluated = train_state["ema"] if setup.ema_decay > 0 else params   # the EMA is what validation scores
         local_params = sharding.local_copy(replicate(evaluated))
-        apply_fn = make_apply_fn(nnx.merge(graphdef, local_params))
+        apply_fn = make_apply_fn(nnx.merge(graphdef, lora.apply(local_params, setup.lora_spec)))
         triptych_every = int(_get(config, "eval.triptych_every_steps", 0))
         want_triptychs = triptych_every > 0 and (steps_done % triptych_every == 0 or steps_done == total_steps)
         images = {}
