@@ -224,7 +224,7 @@ def batch_keys(use_spike: bool) -> Tuple[str, ...]:
 
 
 def drop_spikes(spike_vox: jax.Array, rng: jax.Array, rate: float, zero_value: float) -> jax.Array:
-    """Spike dropout: each sample's spikes `[B, ...]` become `zero_value` (the normalised voxel of zero counts) with
+    """Spike dropout: each sample's spikes `[B, ...]` become `zero_value` (the normalised input of no spikes) with
     probability `rate`, drawn from `rng` (one draw per sample)."""
     drop = jax.random.bernoulli(rng, rate, (spike_vox.shape[0],))
     return jnp.where(drop.reshape((-1,) + (1,) * (spike_vox.ndim - 1)), jnp.asarray(zero_value, spike_vox.dtype),
@@ -303,7 +303,7 @@ class TrainSetup:
     model_mapping: Dict[str, Any]
     vgg_params: Any
     spike_dropout: float = 0.0
-    spike_zero: float = 0.0     # normalised voxel value of zero counts (set from the data's statistics)
+    spike_zero: float = 0.0     # the normalised input of no spikes (from the data's representation and statistics)
     gradient_gate: Any = None   # param_groups.gradient_gate when a group is frozen
     ema_decay: float = 0.0      # > 0: train_state["ema"], an exponential moving average of the parameters
     lora_spec: Optional[lora.LoRASpec] = None   # params["lora"] holds LoRA factors (train/lora.py)
@@ -516,7 +516,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """
     from clu import metric_writers, periodic_actions
 
-    from data_pipelines import input_pipeline, voxelize
+    from data_pipelines import input_pipeline
     from vrtspike_jax.inference import TileSpec, make_apply_fn
 
     run_start = time.perf_counter()
