@@ -2,7 +2,7 @@
 """Draw one exposure of a prepared root in every spike representation (docs/DATA.md section 2).
 
   python scripts/show_spike_representations.py --root ROOT --out spike_representations.png \
-      [--split val] [--sequence 0] [--frame 4] [--tfp_half_window 8] [--tfi_max_search 16]
+      [--split val] [--sequence 0] [--frame 4] [--tfp_half_window 8] [--tfi_max_search 20]
 
 Panels: the blurry frame, the sharp frame, the voxel counts of the centre bin (K = the root's num_bins), TFP and TFI
 at the centre instant (data_pipelines/spike_repr.py) and the raw centre spike frame. Spike panels are at the spike
@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--sequence", type=int, default=0, help="index of the sequence in the split (default 0)")
     p.add_argument("--frame", type=int, default=None, help="index of the frame in the sequence (default: middle)")
     p.add_argument("--tfp_half_window", type=int, default=8, help="TFP window 2h + 1 frames (default h = 8)")
-    p.add_argument("--tfi_max_search", type=int, default=16, help="TFI search length in frames (default 16)")
+    p.add_argument("--tfi_max_search", type=int, default=20,
+                   help="TFI search length in frames (default 20: SpikeCV's, as data.tfi_max_search)")
     return p.parse_args(argv)
 
 
@@ -71,14 +72,14 @@ def main(argv=None) -> int:
          f"TFI, search {args.tfi_max_search} frames", "gray"),
         (spike_repr.raw_window(spikes, times, row.t0, row.t1, 1)[0], "raw centre spike frame", "gray"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.8), dpi=110)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=110)
     for ax, (image, title, cmap) in zip(axes, panels):
         ax.imshow(image, cmap=cmap, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{seq['name']} frame {frame_idx}: exposure [{row.t0:g}, {row.t1:g}] ({inside} spike frames, "
                  f"spikes at 1/{f} resolution)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))   # room for the two-line panel titles under the suptitle
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
     plt.close(fig)
