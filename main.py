@@ -20,8 +20,12 @@ import logging as pylogging
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs, metrics and the run record.")

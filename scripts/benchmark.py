@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-# Importing the package first sets its XLA:CPU options (vrtspike_jax/runtime.py) before jax starts.
-import vrtspike_jax  # noqa: F401
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # the XLA:CPU options of every entry point, before jax starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -31,8 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder of the comparison (one training workdir per arm and seed inside).")

@@ -26,7 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
 
 import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -19,11 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import data_pipelines  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_pipelines.synthetic import SyntheticSpec  # noqa: E402
 
 

@@ -35,7 +35,6 @@ def main(argv=None) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from data_pipelines import layout, prepare, spike_dat, spike_repr
     from data_pipelines.errors import DataError

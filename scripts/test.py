@@ -44,10 +44,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-try:
-    import vrtspike_jax  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
 
 import numpy as np  # noqa: E402
 

@@ -17,8 +17,12 @@ import os
 import re
 import sys
 
-import jax
-import jax.numpy as jnp
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags

@@ -2,8 +2,12 @@
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+from vrtspike_jax import runtime
+
+runtime.prefer_memory_scheduler_on_cpu()   # as every entry point does, before any test starts jax
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

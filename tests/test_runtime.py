@@ -1,6 +1,8 @@
-"""The process-level XLA setting applied at import (vrtspike_jax/runtime.py): the memory-minimising XLA:CPU
-scheduler on single-device CPU hosts only, never over the user's choice."""
+"""The process-level XLA setting the entry points make (vrtspike_jax/runtime.py): the memory-minimising XLA:CPU
+scheduler on single-device CPU hosts only, never over the user's choice; importing the package changes nothing."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +37,20 @@ def test_multi_device_subprocesses_do_not_inherit_the_scheduler_flag(monkeypatch
     assert runtime.CPU_SCHEDULER_FLAG not in many and "--xla_force_host_platform_device_count=8" in many
     assert runtime.CPU_SCHEDULER_FLAG in testing.subprocess_env()["XLA_FLAGS"].split()
     assert runtime.forced_cpu_device_count("--a=1 --xla_force_host_platform_device_count=4") == 4
+
+
+def test_importing_the_package_changes_no_process_setting():
+    """A library user's process keeps its XLA_FLAGS; an entry point (main.py, imported) sets them first thing."""
+    probe = ("import os, vrtspike_jax, vrtspike_jax.train.train_lib, vrtspike_jax.inference; "
+             "print(repr(os.environ.get('XLA_FLAGS')))")
+    env = testing.subprocess_env(extra={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
+    env.pop("VRTSPIKE_KEEP_XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=testing.REPO_ROOT)
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "'--xla_backend_optimization_level=0'", \
+        run.stdout + run.stderr
+    entry = "import os, main; print(repr(os.environ.get('XLA_FLAGS')))"
+    run = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=testing.REPO_ROOT)
+    assert run.returncode == 0 and runtime.CPU_SCHEDULER_FLAG in run.stdout.strip().splitlines()[-1], \
+        run.stdout + run.stderr

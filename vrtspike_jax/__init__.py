@@ -1,4 +1,5 @@
-"""vrtspike-jax: spike-guided video deblurring (VRT + spike branch) in JAX / Flax NNX."""
-from vrtspike_jax import runtime as _runtime
+"""vrtspike-jax: spike-guided video deblurring (VRT + spike branch) in JAX / Flax NNX.
 
-_runtime.prefer_memory_scheduler_on_cpu()
+Importing the package changes nothing in the process: the entry points (main.py, scripts/*.py) make the
+process-wide XLA settings first thing (vrtspike_jax/runtime.py).
+"""

@@ -1,11 +1,13 @@
-"""Process-level XLA settings for this package, applied when `vrtspike_jax` is imported.
+"""Process-level XLA settings that the entry points (main.py, scripts/*.py, the tests' conftest) make first thing,
+before jax starts: `prefer_memory_scheduler_on_cpu()`. Importing `vrtspike_jax` does not; a library user who wants
+the same memory behaviour calls it before the first jax computation.
 
 On CPU-only hosts, XLA's default concurrency-optimised scheduler keeps the buffers of independent branches
 alive together. For VRT that costs a lot of memory: the official deblurring model's forward pass at
 1x12x128x128 needs 6.0 GiB of XLA temporaries with it and 2.7 GiB with the memory-minimising scheduler (with
 per-head attention), and the train step's temporaries roughly halve too. So, unless the user already chose, we
 ask XLA for the memory-minimising scheduler on hosts without accelerators. It must happen before jax creates its
-CPU client (the first computation), which is why it runs at import. Set VRTSPIKE_KEEP_XLA_FLAGS=1 to opt out.
+CPU client (the first computation). Set VRTSPIKE_KEEP_XLA_FLAGS=1 to opt out.
 Hosts with a GPU or TPU are left alone (the flag only concerns XLA:CPU), and so are processes with several CPU
 devices (`--xla_force_host_platform_device_count=N`, N > 1): there the memory-minimising schedule deadlocks the
 in-process collectives of parameter-sharded (fsdp) train steps (observed with jax 0.10.2: 8 fake devices, data=2 x
