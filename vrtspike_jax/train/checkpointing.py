@@ -165,6 +165,21 @@ class RunCheckpoints:
         clean = {k: float(v) for k, v in metrics.items() if np.isfinite(v) or k == BEST_METRIC}
         return self.best.save(step, args=args, metrics=clean, force=True)
 
+    def keep_if_best(self, step: int, params, data_position: Mapping[str, Any], config_dict: Mapping[str, Any],
+                     result: Mapping[str, Any]) -> bool:
+        """The best-checkpoint policy: saves `params` as `best` when the validation PSNR (`result["psnr"]`) is finite
+        and above every earlier one of the run (kept checkpoints included, across restarts). Returns whether it
+        saved."""
+        if not hasattr(self, "_best_psnr"):
+            self._best_psnr = self.best_value()
+        psnr = float(result[BEST_METRIC])
+        if not np.isfinite(psnr) or (self._best_psnr is not None and psnr <= self._best_psnr):
+            return False
+        self._best_psnr = psnr
+        self.save_best(step, params, data_position, config_dict,
+                       {k: v for k, v in result.items() if isinstance(v, float)})
+        return True
+
     def restore_last(self, step: int, abstract_params, abstract_train_state):
         """Restores (params, train_state, data_position, config_dict) of `last` checkpoint `step` into the shardings
         carried by the abstract trees (ShapeDtypeStructs with `.sharding`)."""

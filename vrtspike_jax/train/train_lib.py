@@ -338,6 +338,18 @@ class TrainSetup:
             train_state["ema"] = sharding.put_global(host_params, self.param_shardings)
         return params, train_state
 
+    @functools.cached_property
+    def _replicate(self):
+        return jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self.mesh))
+
+    def apply_fn(self, params):
+        """The process-local restorer function (inference.make_apply_fn) of the sharded `params`: gathered onto every
+        process, LoRA factors folded in. Every process must call it (the gather is collective)."""
+        from vrtspike_jax.inference import make_apply_fn
+
+        local = sharding.local_copy(self._replicate(params))
+        return make_apply_fn(nnx.merge(self.graphdef, lora.apply(local, self.lora_spec)))
+
     def jit_step(self):
         """`jax.jit` of the train step with explicit in/out shardings; params and train_state are donated."""
         repl = sharding.replicated(self.mesh)
@@ -517,7 +529,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     from clu import metric_writers, periodic_actions
 
     from data_pipelines import input_pipeline
-    from vrtspike_jax.inference import TileSpec, make_apply_fn
 
     run_start = time.perf_counter()
     preflight.preflight(config)   # bad keys, absent files, unprepared data: one-line errors before any work
@@ -543,7 +554,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     sharding.check_batch_size(global_batch_size, mesh, process_count)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, process_count)
     setup = build_train_setup(config, mesh)
-    graphdef, use_spike = setup.graphdef, setup.use_spike
+    use_spike = setup.use_spike
     logging.info("model: %s parameters (use_spike=%s, dtype=%s)", f"{setup.num_params:,}", use_spike,
                  setup.model_mapping.get("dtype"))
 
@@ -608,7 +619,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         logging.info("resumed from %s (step %d)", resumed_from, start_step)
     else:
         params, train_state = setup.init_state(_host_init(config, setup.model_mapping), int(config.seed))
-    best_psnr = checkpoints.best_value()
 
     if is_main:
         record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
@@ -634,7 +644,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     else:
         logging.info("nothing to train: the checkpoint is at step %d and total_steps is %d", start_step,
                      total_steps)
-    replicate = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
 
     # ---- writers
     writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not is_main,
@@ -645,63 +654,10 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     writer.write_scalars(start_step, {"compile/train_step_seconds": compile_seconds})
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                       every_steps=int(config.log_every_steps), every_secs=None)
-    lpips = None
-    if _get(config, "eval.lpips_weights"):
-        lpips = validation.LPIPSScorer(os.path.expanduser(str(config.eval.lpips_weights)),
-                                       str(_get(config, "eval.lpips_convention", "standard")))
-    tile = TileSpec.from_dict(dict(config.eval.tile))
-    # The blurry input's metrics are measured at this start's first validation (by every process, so that their
-    # reductions match) and reused afterwards.
-    input_metrics: Dict[str, float] = {}
+    validator = validation.Validator(config, workdir, eval_iter, writer, use_spike=use_spike, total_steps=total_steps,
+                                     is_main=is_main, process_count=process_count, data_counts=data_counts)
     previous = validation.read_metrics_jsons(workdir) if is_main else []
     last_validation: Optional[Dict[str, Any]] = previous[-1] if previous else None
-
-    def run_validation(steps_done: int) -> Dict[str, Any]:
-        nonlocal best_psnr, input_metrics, last_validation
-        start = time.perf_counter()
-        evaluated = train_state["ema"] if setup.ema_decay > 0 else params   # the EMA is what validation scores
-        local_params = sharding.local_copy(replicate(evaluated))
-        apply_fn = make_apply_fn(nnx.merge(graphdef, lora.apply(local_params, setup.lora_spec)))
-        triptych_every = int(_get(config, "eval.triptych_every_steps", 0))
-        want_triptychs = triptych_every > 0 and (steps_done % triptych_every == 0 or steps_done == total_steps)
-        images = {}
-
-        def on_triptych(seq: str, frame_idx: int, image: np.ndarray) -> None:
-            name = f"{seq.replace('/', '_')}_{frame_idx:06d}"
-            validation.save_png(workdir / "triptychs" / f"step_{steps_done:07d}_{name}.png", image)
-            images[f"triptych/{name}"] = image[None]
-
-        result = validation.evaluate(
-            apply_fn, eval_iter, tile=tile, spike_scale=int(config.data.spike_scale), use_spike=use_spike,
-            quantize=bool(config.eval.quantize), crop_border=int(config.eval.crop_border), lpips=lpips,
-            max_clips=int(config.eval.max_clips), want_input_metrics=not input_metrics,
-            triptych_clips=int(config.eval.num_triptychs) if (want_triptychs and is_main) else 0,
-            on_triptych=on_triptych if is_main else None)
-        if not input_metrics:
-            input_metrics = {k: v for k, v in result.items() if k.startswith("input_")}
-        result.update(input_metrics)
-        result["psnr_gain_over_input"] = result["psnr"] - result.get("input_psnr", float("nan"))
-        seconds = time.perf_counter() - start
-        scalars = {f"val/{k}": v for k, v in result.items() if isinstance(v, float)}
-        scalars["val/seconds"] = seconds
-        writer.write_scalars(steps_done, scalars)
-        if images:
-            writer.write_images(steps_done, images)
-        if is_main:
-            path = validation.write_metrics_json(workdir, steps_done, result, {
-                "seconds": seconds, "tile": tile.to_dict(), "quantize": bool(config.eval.quantize),
-                "crop_border": int(config.eval.crop_border), "process_count": process_count, "data": data_counts,
-                "conventions": "KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM "
-                               "11x11 Gaussian sigma 1.5, valid, population variance; mean over frames"})
-            logging.info("validation at step %d (%.1f s): PSNR %.3f dB (input %.3f), PSNR-Y %.3f, SSIM-Y %.4f -> %s",
-                         steps_done, seconds, result["psnr"], result.get("input_psnr", float("nan")),
-                         result["psnr_y"], result["ssim_y"], path)
-        if np.isfinite(result["psnr"]) and (best_psnr is None or result["psnr"] > best_psnr):
-            best_psnr = result["psnr"]
-            checkpoints.save_best(steps_done, evaluated, data_position(steps_done), config_dict,
-                                  {k: v for k, v in result.items() if isinstance(v, float)})
-        last_validation = result
-        return result
 
     # ---- the loop
     log_every = max(1, int(config.log_every_steps))
@@ -755,8 +711,11 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             if due_ckpt:
                 checkpoints.save_last(steps_done, params, train_state, data_position(steps_done), config_dict,
                                       force=True)
-            if due_eval:
-                run_validation(steps_done)
+            if due_eval:   # the EMA, when there is one, is what validation scores and `best` keeps
+                evaluated = train_state["ema"] if setup.ema_decay > 0 else params
+                last_validation = validator(steps_done, setup.apply_fn(evaluated))
+                checkpoints.keep_if_best(steps_done, evaluated, data_position(steps_done), config_dict,
+                                         last_validation)
             if preempted:
                 logging.warning("preemption signal received: saved step %d and stopping", steps_done)
                 break

@@ -16,6 +16,7 @@ The same metrics of the blurry input against the ground truth are reported as `i
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -194,5 +195,74 @@ def read_metrics_jsons(workdir: Path) -> List[Dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("val_step_*.json"))]
 
 
-__all__ = ["LPIPSScorer", "METRIC_NAMES", "evaluate", "frame_metrics", "quantize_uint8", "read_metrics_jsons",
+CONVENTIONS = ("KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM 11x11 Gaussian "
+               "sigma 1.5, valid, population variance; mean over frames")
+
+
+class Validator:
+    """A training run's validation at a step: `validator(steps_done, apply_fn) -> metrics`.
+
+    It owns the eval data and what surrounds `evaluate`: the blurry input's metrics (measured by every process at this
+    start's first validation, so that their reductions match, and reused afterwards), `psnr_gain_over_input`, the
+    triptychs when due (every `eval.triptych_every_steps` and at the last step; process 0's first
+    `eval.num_triptychs` clips: PNGs in WORKDIR/triptychs and TensorBoard images), the `val/*` scalars, and
+    WORKDIR/metrics/val_step_<N>.json (process 0). `writer` is a CLU metric writer.
+    """
+
+    def __init__(self, config, workdir, eval_iter, writer, *, use_spike: bool, total_steps: int, is_main: bool = True,
+                 process_count: int = 1, data_counts: Optional[Mapping[str, Any]] = None):
+        from vrtspike_jax.inference import TileSpec
+
+        ev = config.eval
+        self.workdir, self.eval_iter, self.writer = Path(workdir), eval_iter, writer
+        self.use_spike, self.total_steps, self.is_main = bool(use_spike), int(total_steps), bool(is_main)
+        self.spike_scale = int(config.data.spike_scale)
+        self.tile = TileSpec.from_dict(dict(ev.tile))
+        self.quantize, self.crop_border, self.max_clips = bool(ev.quantize), int(ev.crop_border), int(ev.max_clips)
+        self.triptych_every, self.num_triptychs = int(ev.triptych_every_steps or 0), int(ev.num_triptychs)
+        self.lpips = (LPIPSScorer(os.path.expanduser(str(ev.lpips_weights)), str(ev.lpips_convention))
+                      if ev.get("lpips_weights") else None)
+        self.extra = {"tile": self.tile.to_dict(), "quantize": self.quantize, "crop_border": self.crop_border,
+                      "process_count": int(process_count), "data": dict(data_counts or {}),
+                      "conventions": CONVENTIONS}
+        self.input_metrics: Dict[str, float] = {}
+
+    def triptychs_due(self, steps_done: int) -> bool:
+        return self.triptych_every > 0 and (steps_done % self.triptych_every == 0 or steps_done == self.total_steps)
+
+    def __call__(self, steps_done: int, apply_fn: Callable) -> Dict[str, Any]:
+        import time
+
+        start = time.perf_counter()
+        images: Dict[str, np.ndarray] = {}
+
+        def on_triptych(seq: str, frame_idx: int, image: np.ndarray) -> None:
+            name = f"{seq.replace('/', '_')}_{frame_idx:06d}"
+            save_png(self.workdir / "triptychs" / f"step_{steps_done:07d}_{name}.png", image)
+            images[f"triptych/{name}"] = image[None]
+
+        want_triptychs = self.is_main and self.triptychs_due(steps_done)
+        result = evaluate(apply_fn, self.eval_iter, tile=self.tile, spike_scale=self.spike_scale,
+                          use_spike=self.use_spike, quantize=self.quantize, crop_border=self.crop_border,
+                          lpips=self.lpips, max_clips=self.max_clips, want_input_metrics=not self.input_metrics,
+                          triptych_clips=self.num_triptychs if want_triptychs else 0,
+                          on_triptych=on_triptych if self.is_main else None)
+        if not self.input_metrics:
+            self.input_metrics = {k: v for k, v in result.items() if k.startswith("input_")}
+        result.update(self.input_metrics)
+        result["psnr_gain_over_input"] = result["psnr"] - result.get("input_psnr", float("nan"))
+        seconds = time.perf_counter() - start
+        scalars = {f"val/{k}": v for k, v in result.items() if isinstance(v, float)}
+        self.writer.write_scalars(steps_done, {**scalars, "val/seconds": seconds})
+        if images:
+            self.writer.write_images(steps_done, images)
+        if self.is_main:
+            path = write_metrics_json(self.workdir, steps_done, result, {"seconds": seconds, **self.extra})
+            logging.info("validation at step %d (%.1f s): PSNR %.3f dB (input %.3f), PSNR-Y %.3f, SSIM-Y %.4f -> %s",
+                         steps_done, seconds, result["psnr"], result.get("input_psnr", float("nan")),
+                         result["psnr_y"], result["ssim_y"], path)
+        return result
+
+
+__all__ = ["CONVENTIONS", "LPIPSScorer", "METRIC_NAMES", "Validator", "evaluate", "frame_metrics", "quantize_uint8", "read_metrics_jsons",
            "save_png", "triptych", "write_metrics_json"]
