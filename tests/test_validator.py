@@ -1,5 +1,6 @@
 """The training loop's policies, in process: the Validator (input baseline measured once, metrics JSON, triptychs
-when due) and the best-checkpoint policy (RunCheckpoints.keep_if_best)."""
+when due), the best-checkpoint policy (RunCheckpoints.keep_if_best) and the step log (train_metrics.jsonl,
+nonfinite_steps.jsonl, the stop after K non-finite steps in a row)."""
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import helpers as testing
 from configs import baseline
 from data_pipelines import input_pipeline
-from vrtspike_jax.train import checkpointing, validation
+from vrtspike_jax.train import checkpointing, train_lib, validation
 
 
 class RecordingWriter:
@@ -77,3 +78,28 @@ def test_best_is_kept_only_for_a_finite_psnr_above_every_earlier_one(tmp_path):
     again.close()
     assert checkpointing.resolve_checkpoint_dir(tmp_path).name == "7"
     assert json.loads((tmp_path / "checkpoints/best/7/metrics/metrics").read_text()) == {"psnr": 21.5}
+
+
+def test_the_step_log_writes_windows_and_nonfinite_steps_and_stops_after_k_in_a_row(tmp_path):
+    writer = RecordingWriter()
+    log = train_lib.StepLog(tmp_path, writer, 2, in_row=1, samples_of=lambda step: [{"name": f"clip{step}"}],
+                            last_checkpoint=lambda: 40)
+    good = {"loss": 1.0, "charbonnier": 1.0, "perceptual": 0.0, "grad_norm": 2.0, "learning_rate": 1e-3, "finite": 1.0}
+    bad = dict(good, loss=float("nan"), finite=0.0)
+    log.finish(40, good)                                  # a resume at 1 in a row: a finite step resets the count
+    log.finish(41, dict(good, loss=3.0))
+    log.write_window(42)
+    assert testing.read_jsonl(tmp_path / "train_metrics.jsonl") == [
+        {"step": 42, "loss": 2.0, "charbonnier": 1.0, "perceptual": 0.0, "grad_norm": 2.0, "learning_rate": 1e-3,
+         "nonfinite_steps": 0.0}]
+    assert writer.scalars[42]["train/loss"] == 2.0
+    log.finish(42, bad)
+    assert log.in_row == 1 and testing.read_jsonl(tmp_path / "nonfinite_steps.jsonl")[0]["samples"] == [
+        {"name": "clip42"}]
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"2 train steps in a row \(up to step 44\).*the last "
+                       r"checkpoint \(step 40\)"):
+        log.finish(43, bad)
+    quiet = train_lib.StepLog(tmp_path / "other", RecordingWriter(), 2, is_main=False)
+    quiet.finish(0, bad)
+    quiet.write_window(1)
+    assert not (tmp_path / "other").exists()              # only process 0 writes files

@@ -448,6 +448,58 @@ class StepMetrics:
         return out
 
 
+class StepLog(StepMetrics):
+    """StepMetrics plus what a run writes of its steps (process 0): `train_metrics.jsonl` and TensorBoard `train/*`
+    (the window's means, `write_window`), and `nonfinite_steps.jsonl` (every skipped step with its samples, from
+    `samples_of(step)`). `finish(step, device_metrics)` reads a step's metrics back; once `max_consecutive` steps in a
+    row were non-finite it raises NonFiniteLossError naming the kept checkpoint (`last_checkpoint()`: its step).
+    """
+
+    def __init__(self, workdir, writer, max_consecutive: int, *, is_main: bool = True, in_row: int = 0,
+                 samples_of=lambda step: [], last_checkpoint=lambda: None):
+        super().__init__(max_consecutive)
+        self.workdir, self.writer, self.is_main = Path(workdir), writer, bool(is_main)
+        self.in_row = int(in_row)
+        self.samples_of, self.last_checkpoint = samples_of, last_checkpoint
+
+    def _append(self, name: str, record: Mapping[str, Any]) -> None:
+        if self.is_main:
+            with open(self.workdir / name, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def finish(self, step: int, device_metrics) -> None:
+        """The host side of the finished 0-based `step` (may raise NonFiniteLossError)."""
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if self.add(values):
+            return
+        samples = self.samples_of(step)
+        logging.warning("step %d: non-finite loss %s / gradient norm %s: update skipped (%d in a row); samples: %s",
+                        step + 1, values["loss"], values["grad_norm"], self.in_row, [s["name"] for s in samples])
+        self._append("nonfinite_steps.jsonl", {"step": step + 1, "loss": values["loss"],
+                                               "grad_norm": values["grad_norm"], "samples": samples})
+        if self.should_stop:
+            raise NonFiniteLossError(
+                f"{self.in_row} train steps in a row (up to step {step + 1}) had a non-finite loss or gradient; "
+                f"stopping. Those steps did not change the parameters; the last checkpoint (step "
+                f"{self.last_checkpoint()}) in {self.workdir / checkpointing.CHECKPOINT_DIR} is kept. The samples are "
+                f"listed in {self.workdir / 'nonfinite_steps.jsonl'}.")
+
+    def write_window(self, steps_done: int) -> None:
+        summary = self.summary()
+        self.writer.write_scalars(steps_done, {f"train/{k}": v for k, v in summary.items()})
+        self._append("train_metrics.jsonl", {"step": steps_done, **summary})
+
+
+def _data_position(steps_done: int, nonfinite_in_row: int, *, data_seed: int, global_batch_size: int,
+                   train_iter) -> Dict[str, Any]:
+    """The input position saved with a checkpoint after `steps_done` steps."""
+    return {"next_step": int(steps_done), "data_seed": data_seed, "global_batch_size": global_batch_size,
+            "samples_seen": int(steps_done) * global_batch_size, "train_root": str(train_iter.root),
+            "num_train_clips": int(train_iter.num_samples),
+            # non-finite steps in a row up to `steps_done`: a resume goes on counting (nonfinite.max_consecutive)
+            "nonfinite_in_row": int(nonfinite_in_row)}
+
+
 
 def _model_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "model") -> List[str]:
     diffs = []
@@ -540,10 +592,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     is_main = process_index == 0
     config_dict = checkpointing.config_to_dict(config)
 
-    def append_jsonl(name: str, record: Mapping[str, Any]) -> None:
-        if is_main:
-            with open(workdir / name, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
 
     if is_main:
         logging.info("config:\n%s", config)
@@ -626,12 +674,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                          "data": data_counts})
         logging.info("run record: %s", record)
 
-    def data_position(steps_done: int) -> Dict[str, Any]:
-        return {"next_step": int(steps_done), "data_seed": data_seed, "global_batch_size": global_batch_size,
-                "samples_seen": int(steps_done) * global_batch_size, "train_root": str(train_iter.root),
-                "num_train_clips": int(train_iter.num_samples),
-                # non-finite steps in a row up to `steps_done`: a resume goes on counting (nonfinite.max_consecutive)
-                "nonfinite_in_row": int(step_metrics.in_row)}
+    data_position = functools.partial(_data_position, data_seed=data_seed, global_batch_size=global_batch_size,
+                                      train_iter=train_iter)
 
     # ---- the compiled train step
     total_steps = int(config.total_steps)
@@ -663,28 +707,11 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     log_every = max(1, int(config.log_every_steps))
     eval_every = int(config.eval.every_steps)
     ckpt_every = int(ckpt_cfg.every_steps)
-    step_metrics = StepMetrics(int(_get(config, "nonfinite.max_consecutive", 10)))
-    step_metrics.in_row = int(resumed_position.get("nonfinite_in_row", 0))
+    step_log = StepLog(workdir, writer, int(_get(config, "nonfinite.max_consecutive", 10)), is_main=is_main,
+                       in_row=int(resumed_position.get("nonfinite_in_row", 0)),
+                       samples_of=lambda step: _sample_metadata(train_iter, step, global_batch_size),
+                       last_checkpoint=checkpoints.latest_step)
     pending: Optional[Tuple[int, Any]] = None   # (0-based step, device metrics) not yet read back
-
-    def read_back(item) -> None:
-        """Host side of a finished step (may raise NonFiniteLossError)."""
-        step, device_metrics = item
-        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if step_metrics.add(values):
-            return
-        samples = _sample_metadata(train_iter, step, global_batch_size)
-        logging.warning("step %d: non-finite loss %s / gradient norm %s: update skipped (%d in a row); samples: %s",
-                        step + 1, values["loss"], values["grad_norm"], step_metrics.in_row,
-                        [s["name"] for s in samples])
-        append_jsonl("nonfinite_steps.jsonl", {"step": step + 1, "loss": values["loss"],
-                                               "grad_norm": values["grad_norm"], "samples": samples})
-        if step_metrics.should_stop:
-            raise NonFiniteLossError(
-                f"{step_metrics.in_row} train steps in a row (up to step {step + 1}) had a non-finite loss or "
-                f"gradient; stopping. Those steps did not change the parameters; the last checkpoint (step "
-                f"{checkpoints.latest_step()}) in {workdir / checkpointing.CHECKPOINT_DIR} is kept. The samples "
-                f"are listed in {workdir / 'nonfinite_steps.jsonl'}.")
 
     try:
         for step in range(start_step, total_steps):
@@ -693,7 +720,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 batch = sharding.global_batch(next(train_iter), mesh, setup.keys)
                 params, train_state, device_metrics = compiled_step(params, train_state, batch, setup.vgg_params)
             if pending is not None:
-                read_back(pending)
+                step_log.finish(*pending)
             pending = (step, device_metrics)
             report_progress(steps_done)
             is_last = steps_done == total_steps
@@ -702,25 +729,23 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             due_eval = (eval_every > 0 and steps_done % eval_every == 0) or is_last
             due_ckpt = (ckpt_every > 0 and steps_done % ckpt_every == 0) or is_last or preempted
             if due_log or due_eval or due_ckpt:
-                read_back(pending)
+                step_log.finish(*pending)
                 pending = None
             if due_log:
-                summary = step_metrics.summary()
-                writer.write_scalars(steps_done, {f"train/{k}": v for k, v in summary.items()})
-                append_jsonl("train_metrics.jsonl", {"step": steps_done, **summary})
+                step_log.write_window(steps_done)
             if due_ckpt:
-                checkpoints.save_last(steps_done, params, train_state, data_position(steps_done), config_dict,
-                                      force=True)
+                checkpoints.save_last(steps_done, params, train_state, data_position(steps_done, step_log.in_row),
+                                      config_dict, force=True)
             if due_eval:   # the EMA, when there is one, is what validation scores and `best` keeps
                 evaluated = train_state["ema"] if setup.ema_decay > 0 else params
                 last_validation = validator(steps_done, setup.apply_fn(evaluated))
-                checkpoints.keep_if_best(steps_done, evaluated, data_position(steps_done), config_dict,
-                                         last_validation)
+                checkpoints.keep_if_best(steps_done, evaluated, data_position(steps_done, step_log.in_row),
+                                         config_dict, last_validation)
             if preempted:
                 logging.warning("preemption signal received: saved step %d and stopping", steps_done)
                 break
         if pending is not None:
-            read_back(pending)
+            step_log.finish(*pending)
     finally:
         checkpoints.wait_until_finished()
         writer.flush()
