@@ -40,7 +40,6 @@ runtime.prefer_memory_scheduler_on_cpu()   # the XLA:CPU options of every entry 
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from vrtspike_jax import cli  # noqa: E402
 
@@ -268,7 +267,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     from vrtspike_jax import losses
-    from vrtspike_jax.train import lora, param_groups, preflight, sharding, train_lib
+    from vrtspike_jax import factory
+    from vrtspike_jax.train import param_groups, preflight, sharding, train_lib
 
     try:
         config = configure(args)
@@ -295,7 +295,7 @@ def main(argv=None):
             tuple(config.loss.vgg_layers))
         vgg_note = "VGG features with random values (no loss.vgg_weights): the same compute as the real weights"
     setup = train_lib.build_train_setup(config, mesh, vgg_params=vgg_params)
-    host_params = train_lib._host_init(config, setup.model_mapping)
+    host_params = factory.initial_params(config)
     settings = param_groups.group_settings(config)
     counts = param_groups.trainable_count(host_params, settings)
     rng = np.random.default_rng(0)
@@ -319,7 +319,7 @@ def main(argv=None):
 
         @jax.jit
         def forward(params, frames, spikes):
-            return nnx.merge(graphdef, lora.apply(params, setup.lora_spec))(frames, spikes)
+            return factory.build(graphdef, params, setup.lora_spec)(frames, spikes)
 
         def forward_args(i):
             b = batches[i % 2]

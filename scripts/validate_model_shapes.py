@@ -4,7 +4,7 @@
 
 Nothing is computed: the model is built abstractly (nnx.eval_shape) and the forward pass is traced with
 jax.eval_shape, so the full baseline is checked in seconds on a laptop. The model is the one training builds:
-`model.dtype = "auto"` is resolved as training resolves it (vrtspike_jax.train.checkpointing.model_mapping), so
+`model.dtype = "auto"` is resolved as training resolves it (vrtspike_jax/factory.py), so
 the compute dtype printed is that of a run on this machine's backend.
 
 Exit status: 0 when every fused stage lines up; 1 (with the reason, no traceback) when the configuration's model
@@ -27,9 +27,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from vrtspike_jax.models import build_model, model_config_from_dict, part_parameter_counts
+from vrtspike_jax import factory  # noqa: E402
+from vrtspike_jax.models import build_model, part_parameter_counts
 from vrtspike_jax.models.vrt_spike import ENCODER_SCALE_OF_STAGE
-from vrtspike_jax.train.checkpointing import model_mapping
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (with a `model` section).",
                                           lock_config=False)
@@ -47,7 +47,7 @@ def _data_default(config, name, fallback):
 def validate(config, frames: int, height: int, width: int, out=print) -> int:
     """Prints the report; returns 0 when every fused stage lines up, 1 otherwise."""
     try:
-        model_config = model_config_from_dict(model_mapping(config.model))   # dtype 'auto' resolved as training does
+        model_config = factory.model_config(config.model)   # dtype 'auto' resolved as training does
         model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
     except (ValueError, TypeError) as exc:
         out(f"ERROR: the model cannot be built: {exc}")

@@ -127,7 +127,7 @@ def make_tiny_root(path, prepare_it: bool = True, num_bins: int = 32, **override
 TINY_BATCH_SHAPES = {"blur": (2, 2, 64, 64, 3), "sharp": (2, 2, 64, 64, 3), "spike_vox": (2, 2, 64, 64, 4)}
 
 
-def tiny_batch(seed: int = 0) -> Dict[str, "np.ndarray"]:
+def tiny_batch(seed: int = 0) -> Dict[str, object]:
     """A random batch of TINY_BATCH_SHAPES (frames in [0, 1), normal spike inputs)."""
     import numpy as np
 
@@ -140,11 +140,12 @@ def compiled_tiny_step(config):
     """(setup, mesh, params, train_state, compiled step) of `config` on one device, at step 0."""
     import jax
 
+    from vrtspike_jax import factory
     from vrtspike_jax.train import sharding, train_lib
 
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     setup = train_lib.build_train_setup(config, mesh)
-    params, state = setup.init_state(train_lib._host_init(config, setup.model_mapping), config.seed)
+    params, state = setup.init_state(factory.initial_params(config), config.seed)
     compiled, _, _ = setup.compile_step(params, state, TINY_BATCH_SHAPES)
     return setup, mesh, params, state, compiled
 

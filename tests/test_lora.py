@@ -13,7 +13,8 @@ from flax import traverse_util
 
 import helpers as testing
 from configs import baseline
-from vrtspike_jax.train import checkpointing, lora, param_groups, preflight, train_lib
+from vrtspike_jax import factory
+from vrtspike_jax.train import checkpointing, lora, param_groups, preflight
 
 _spec = importlib.util.spec_from_file_location("merge_lora", testing.REPO_ROOT / "scripts" / "merge_lora.py")
 merge_lora = importlib.util.module_from_spec(_spec)
@@ -23,7 +24,7 @@ TARGET = ("vrt", "stages", 0, "residual_group2", "blocks", 0, "attn", "qkv_self"
 
 def _lora_params(config, seed=1):
     """Host parameters of `config` (tiny,lora) with random (non-zero) factors, as after some training."""
-    params = train_lib._host_init(config, checkpointing.model_mapping(config.model))
+    params = factory.initial_params(config)
     rng = np.random.default_rng(seed)
     params[lora.KEY] = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(np.float32), params[lora.KEY])
     return params
@@ -38,7 +39,7 @@ def test_the_adapted_kernel_is_loras_forward_and_starts_as_the_plain_model():
     config = baseline.get_config("tiny,lora")
     spec = lora.spec_from_config(config)
     assert (spec.rank, spec.alpha, spec.scale) == (8, 16.0, 2.0)
-    fresh = train_lib._host_init(config, checkpointing.model_mapping(config.model))
+    fresh = factory.initial_params(config)
     plain = {k: v for k, v in fresh.items() if k != lora.KEY}
     # At initialisation b = 0: the adapted tree is the plain one, bit for bit.
     for a, b in zip(jax.tree.leaves(lora.apply(fresh, spec)), jax.tree.leaves(plain)):
@@ -50,7 +51,7 @@ def test_the_adapted_kernel_is_loras_forward_and_starts_as_the_plain_model():
     modules = {key[:-1] for key in factors}
     assert all(m[0] == "vrt" and m[3].startswith("residual_group") and m[-2] in ("attn", "mlp") for m in modules)
     assert {m[-1] for m in modules} == set(lora.TARGET_NAMES) - {"qkv_mut"}   # tiny has no mutual attention
-    _, quick = checkpointing.abstract_model(baseline.get_config("quick").model)
+    _, quick = factory.abstract(baseline.get_config("quick").model)
     assert {m[-1] for m in lora.targets_of(quick, spec)} == set(lora.TARGET_NAMES)
     # With trained factors: x W_eff + bias == x W + bias + (alpha / r) (x a) b, PEFT's LoRA forward (float64).
     params = _lora_params(config)
@@ -85,7 +86,7 @@ def test_only_the_factors_and_the_spike_path_train_and_merged_equals_unmerged():
     assert counts["lora"] == sum(8 * (i + o) for i, o in lora.targets_of(history[0], spec).values()) > 0
     assert counts["trainable"] == counts["lora"] + counts["spike_encoder"] + counts["spike_temporal_sa"] + \
         counts["fusion"]
-    graphdef, _ = checkpointing.abstract_model(config.model)
+    graphdef, _ = factory.abstract(config.model)
     batch = {k: jnp.asarray(v[:1]) for k, v in testing.tiny_batch(3).items()}
     trained = history[2]
     unmerged = _forward(graphdef, trained, spec, batch)
@@ -119,7 +120,7 @@ def test_a_merged_checkpoint_restores_into_the_plain_model_with_the_same_frames(
     for a, b in zip(*leaves):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     batch = {k: jnp.asarray(v[:1]) for k, v in testing.tiny_batch(4).items()}
-    graphdef, _ = checkpointing.abstract_model(config.model)
+    graphdef, _ = factory.abstract(config.model)
     unmerged = _forward(graphdef, params, lora.spec_from_config(config), batch)
     plain_params = nnx.to_pure_dict(nnx.state(plain_model, nnx.Param))
     np.testing.assert_allclose(_forward(graphdef, plain_params, None, batch), unmerged, rtol=0, atol=2e-6)

@@ -115,10 +115,11 @@ def test_batch_that_does_not_fit_the_mesh(tmp_path, embedded):
 def _fake_run(workdir: Path, variant: str = "tiny") -> None:
     """A workdir with one `last` checkpoint (step 2) of the tiny model, as training would leave it."""
     from configs import baseline
+    from vrtspike_jax import factory
     from vrtspike_jax.train import checkpointing, train_lib
 
     config = baseline.get_config(variant)
-    params = train_lib._host_init(config, checkpointing.model_mapping(config.model))
+    params = factory.initial_params(config)
     tx, _ = train_lib.make_optimizer(config)
     train_state = {"step": np.int32(2), "opt_state": tx.init(params), "rng": np.zeros(2, np.uint32)}
     saver = checkpointing.RunCheckpoints(workdir, async_save=False)

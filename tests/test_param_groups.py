@@ -7,12 +7,13 @@ import pytest
 
 import helpers as testing
 from configs import baseline
-from vrtspike_jax.train import checkpointing, param_groups, preflight, train_lib
+from vrtspike_jax import factory
+from vrtspike_jax.train import param_groups, preflight, train_lib
 
 
 def test_every_parameter_of_the_spike_model_has_its_group():
     config = baseline.get_config("tiny")
-    _, abstract = checkpointing.abstract_model(checkpointing.model_mapping(config.model))
+    _, abstract = factory.abstract(config.model)
     paths = jax.tree.leaves(param_groups.path_tree(abstract))
     groups = dict(zip(paths, jax.tree.leaves(param_groups.group_tree(abstract))))
     assert set(groups.values()) == set(param_groups.GROUP_NAMES) - {"lora"}   # no LoRA factors without config.lora
@@ -146,7 +147,11 @@ def test_restart_at_runs_the_schedule_again_from_that_step():
     assert float(schedule(29)) < 1e-5 < float(schedule(34))  # decayed at the end of phase 1, warmed up again
     rates, _ = _last_learning_rates(config, 33)                # the 33rd update is step 32: phase 2's 3rd
     assert rates["lr1_after30"] == rates["lr1"] == pytest.approx(float(second(2)), rel=1e-6)
-    for bad in (-1, 100):
-        config.optimizer.restart_at = bad
-        with pytest.raises(preflight.ConfigError, match=f"optimizer.restart_at={bad}: expected 0"):
-            preflight.check_training(config)
+    config.optimizer.restart_at = 100                           # past the horizon: one schedule (and a warning)
+    preflight.check_training(config)
+    _, single = train_lib.make_optimizer(config)
+    whole = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, 4, 100, opt.end_learning_rate)
+    assert all(float(single(s)) == pytest.approx(float(whole(s)), rel=1e-6, abs=1e-12) for s in (0, 3, 50, 99))
+    config.optimizer.restart_at = -1
+    with pytest.raises(preflight.ConfigError, match="optimizer.restart_at=-1: expected 0"):
+        preflight.check_training(config)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import baseline
+from vrtspike_jax import factory
 from vrtspike_jax.train import checkpointing, sharding, train_lib
 from vrtspike_jax.train.train_lib import StepMetrics, make_optimizer, make_train_step
 
@@ -21,14 +22,14 @@ from vrtspike_jax.train.train_lib import StepMetrics, make_optimizer, make_train
 @pytest.mark.parametrize("variant", ["", "quick", "tiny", "vrt_only", "vrt120", "fuse14", "quick,vrt_only"])
 def test_config_variants_build_their_model(variant):
     config = baseline.get_config(variant)
-    graphdef, params = checkpointing.abstract_model(config.model)
+    graphdef, params = factory.abstract(config.model)
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    mapping = checkpointing.model_mapping(config.model)
+    mapping = factory.resolved_mapping(config.model)
     assert mapping["spike_bins"] == config.data.num_bins and mapping["spike_scale"] == config.data.spike_scale
     if variant == "":
         # the official deblurring VRT (18,320,007 parameters incl. SpyNet) plus the spike branch
         vrt_only = baseline.get_config("vrt_only")
-        _, vrt_params = checkpointing.abstract_model(vrt_only.model)
+        _, vrt_params = factory.abstract(vrt_only.model)
         assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(vrt_params)) == 18_320_007
         assert count > 18_320_007
     if "vrt_only" in variant:
@@ -60,7 +61,7 @@ def test_data_fields_drive_the_model_fields():
     config = baseline.get_config()
     config.data.num_bins = 16
     config.data.spike_scale = 2
-    mapping = checkpointing.model_mapping(config.model)
+    mapping = factory.resolved_mapping(config.model)
     assert mapping["spike_bins"] == 16 and mapping["spike_scale"] == 2
 
 
@@ -75,10 +76,10 @@ def test_missing_vgg_weights_with_nonzero_weight_fail_before_compiling():
 
 
 def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
-    assert checkpointing.resolve_compute_dtype({"dtype": "auto"}, "gpu")["dtype"] == "bfloat16"
-    assert checkpointing.resolve_compute_dtype({"dtype": "auto"}, "tpu")["dtype"] == "bfloat16"
-    assert checkpointing.resolve_compute_dtype({"dtype": "auto"}, "cpu")["dtype"] is None
-    assert checkpointing.resolve_compute_dtype({"dtype": "bfloat16"}, "cpu")["dtype"] == "bfloat16"
+    assert factory.resolve_compute_dtype({"dtype": "auto"}, "gpu")["dtype"] == "bfloat16"
+    assert factory.resolve_compute_dtype({"dtype": "auto"}, "tpu")["dtype"] == "bfloat16"
+    assert factory.resolve_compute_dtype({"dtype": "auto"}, "cpu")["dtype"] is None
+    assert factory.resolve_compute_dtype({"dtype": "bfloat16"}, "cpu")["dtype"] == "bfloat16"
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -234,8 +235,7 @@ def test_load_model_from_checkpoint_errors_name_what_is_missing(tmp_path):
 
 def test_load_model_from_checkpoint_roundtrip(tmp_path):
     config = baseline.get_config("tiny")
-    mapping = checkpointing.model_mapping(config.model)
-    params = train_lib._host_init(config, mapping)
+    params = factory.initial_params(config)
     saver = checkpointing.RunCheckpoints(tmp_path, async_save=False)
     config_dict = checkpointing.config_to_dict(config)
     saver.save_best(7, params, {"next_step": 7}, config_dict, {"psnr": 20.0})

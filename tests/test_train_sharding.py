@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
     from configs import baseline
-    from vrtspike_jax.train import checkpointing, sharding, train_lib
+    from vrtspike_jax import factory
+    from vrtspike_jax.train import sharding, train_lib
 
     out = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
@@ -26,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     # parameters by ~lr. A larger eps keeps the comparison about the sharding, not about amplified rounding noise.
     config.optimizer.eps = 1e-3
     config.mesh.fsdp_min_size = 256
-    host_params = train_lib._host_init(config, checkpointing.model_mapping(config.model))
+    host_params = factory.initial_params(config)
     rng = np.random.default_rng(0)
     batches = [{"blur": rng.uniform(size=(8, 2, 64, 64, 3)).astype(np.float32),
                 "sharp": rng.uniform(size=(8, 2, 64, 64, 3)).astype(np.float32),

@@ -31,7 +31,7 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> VRTWithSpikeConfig:
     Unknown keys are an error (a typo must not silently train another model).
     """
     cfg = dict(cfg)
-    known = {"vrt_preset", "vrt_overrides", "init_vrt_from"} | set(_VRT_EXECUTION_FIELDS) | set(_SPIKE_FIELDS)
+    known = {"vrt_preset", "vrt_overrides"} | set(_VRT_EXECUTION_FIELDS) | set(_SPIKE_FIELDS)
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")

@@ -30,7 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vrtspike_jax.models import VRTWithSpike, build_model
+from vrtspike_jax import factory
+from vrtspike_jax.models import VRTWithSpike
 from vrtspike_jax.train import lora
 
 CHECKPOINT_DIR = "checkpoints"
@@ -72,36 +73,6 @@ def config_from_dict(values: Mapping[str, Any]):
     import ml_collections
 
     return ml_collections.ConfigDict(dict(values))
-
-
-def resolve_compute_dtype(model_config: Mapping[str, Any], backend: Optional[str] = None) -> Dict[str, Any]:
-    """The model config mapping with `dtype: 'auto'` resolved for `backend` (default: jax.default_backend()):
-    'bfloat16' on GPU and TPU (mixed precision, float32 parameters), None (float32) on CPU. Other values unchanged.
-    """
-    resolved = dict(model_config)
-    if resolved.get("dtype") == "auto":
-        backend = backend or jax.default_backend()
-        resolved["dtype"] = "bfloat16" if backend in ("gpu", "tpu", "cuda", "rocm") else None
-    return resolved
-
-
-def model_mapping(model_config) -> Dict[str, Any]:
-    """The `model` section of a run config as the plain mapping `build_model` takes (dtype 'auto' resolved)."""
-    values = config_to_dict(model_config) if not isinstance(model_config, dict) else dict(model_config)
-    return resolve_compute_dtype(values)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Abstract model / parameters
-
-
-def abstract_model(model_config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
-    """(graphdef, abstract parameters as a pure dict of ShapeDtypeStructs) of the model a config describes."""
-    mapping = model_mapping(model_config)
-    mapping.pop("init_vrt_from", None)
-    model = nnx.eval_shape(lambda: build_model(mapping, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(params)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -285,12 +256,9 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
     except (OSError, ValueError) as error:
         raise CheckpointNotFoundError(f"{config_file}: cannot read the run config of the checkpoint ({error})")
     config = config_from_dict(config_dict)
-    mapping = model_mapping(config_dict["model"])
-    mapping.pop("init_vrt_from", None)
-    graphdef, abstract_params = abstract_model(mapping)
+    # With LoRA the checkpoint holds VRT's weights and the factors: they are folded in below.
+    graphdef, abstract_params = factory.abstract_params(config_dict)
     lora_spec = lora.spec_from_config(config)
-    if lora_spec is not None:   # the checkpoint holds VRT's weights and the LoRA factors: folded in below
-        abstract_params = {**abstract_params, lora.KEY: lora.abstract_adapters(abstract_params, lora_spec)}
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
@@ -323,6 +291,5 @@ def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
             "rng": on_device(jax.ShapeDtypeStruct((2,), jnp.uint32)), "ema": abstract_params}
 
 
-__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints", "abstract_model",
-           "config_from_dict", "config_to_dict", "load_model_from_checkpoint", "model_mapping",
-           "resolve_checkpoint_dir", "resolve_compute_dtype"]
+__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints", "config_from_dict",
+           "config_to_dict", "load_model_from_checkpoint", "resolve_checkpoint_dir"]

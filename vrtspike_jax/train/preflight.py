@@ -138,14 +138,10 @@ def check_model(config) -> None:
     """
     import numpy as np
 
-    from vrtspike_jax.models import model_config_from_dict
-    from vrtspike_jax.train.checkpointing import config_to_dict, resolve_compute_dtype
+    from vrtspike_jax import factory
 
     try:
-        model = config["model"]
-        mapping = resolve_compute_dtype(config_to_dict(model) if not isinstance(model, dict) else dict(model),
-                                        backend="cpu")
-        mapping.pop("init_vrt_from", None)
+        mapping = factory.resolved_mapping(config["model"], backend="cpu")
         for name in ("dtype", "param_dtype"):
             value = mapping.get(name)
             if value in (None, "", "bfloat16"):
@@ -155,14 +151,14 @@ def check_model(config) -> None:
             except TypeError:
                 raise ValueError(f"{name}={value!r} is not a data type (float32, bfloat16, or 'auto' for "
                                  "dtype)") from None
-        model_config_from_dict(mapping)
+        factory.model_config(mapping)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model: {' '.join(str(err).split())}") from None
 
 
 def check_training(config) -> None:
     """Training options with a valid range: parameter groups (optimizer.groups), LoRA (lora: rank, alpha, targets;
-    its factors must train), optimizer.restart_at inside the schedule, data.spike_dropout in [0, 1) and only with
+    its factors must train), optimizer.restart_at >= 0, data.spike_dropout in [0, 1) and only with
     spikes."""
     from vrtspike_jax.train import param_groups
 
@@ -191,11 +187,9 @@ def check_training(config) -> None:
     from data_pipelines import spike_input
     spike_input.check_config(_get(config, "data"))   # data.spike_representation and its parameters
     restart = int(_get(config, "optimizer.restart_at") or 0)
-    horizon = int(_get(config, "optimizer.schedule_steps") or _get(config, "total_steps") or 0)
-    if restart < 0 or (restart > 0 and restart >= horizon):
-        raise ConfigError(f"optimizer.restart_at={restart}: expected 0 (one schedule) or a step in (0, {horizon}) "
-                          "where the schedule starts again (the schedule's horizon is optimizer.schedule_steps or "
-                          "total_steps)")
+    if restart < 0:
+        raise ConfigError(f"optimizer.restart_at={restart}: expected 0 (one schedule) or the step N > 0 where the "
+                          "schedule starts again")
     decay = _get(config, "optimizer.ema_decay")
     if decay is not None and not 0.0 <= float(decay) < 1.0:
         raise ConfigError(f"optimizer.ema_decay={decay}: expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")

@@ -40,10 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from vrtspike_jax.losses import RestorationLoss
-from vrtspike_jax.models import build_model
+from vrtspike_jax import factory
 from vrtspike_jax.train import checkpointing, lora, param_groups, preflight, sharding, validation
 from vrtspike_jax.train.run_record import write_run_record
 
@@ -137,6 +136,9 @@ def make_schedule(config) -> optax.Schedule:
     restart = int(_get(config, "optimizer.restart_at", 0) or 0)
     if 0 < restart < total:
         return optax.join_schedules([warmup_cosine(restart), warmup_cosine(total - restart)], [restart])
+    if restart >= total:   # e.g. `:quick,staged`: a smoke run shorter than phase 1
+        logging.warning("optimizer.restart_at=%d is at or past the schedule's horizon (%d steps): one schedule, "
+                        "no restart in this run", restart, total)
     return warmup_cosine(total)
 
 
@@ -258,7 +260,7 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
         def compute_loss(p):
             if gradient_gate is not None:
                 p = gradient_gate(p, step)
-            model = nnx.merge(graphdef, lora.apply(p, lora_spec))
+            model = factory.build(graphdef, p, lora_spec)
             restored = model(batch["blur"], spikes, rng=rng)
             return loss_fn(restored, batch["sharp"], vgg_params)
 
@@ -348,7 +350,7 @@ class TrainSetup:
         from vrtspike_jax.inference import make_apply_fn
 
         local = sharding.local_copy(self._replicate(params))
-        return make_apply_fn(nnx.merge(self.graphdef, lora.apply(local, self.lora_spec)))
+        return make_apply_fn(factory.build(self.graphdef, local, self.lora_spec))
 
     def jit_step(self):
         """`jax.jit` of the train step with explicit in/out shardings; params and train_state are donated."""
@@ -382,11 +384,9 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
     """The loss (a missing VGG weights file fails here), the model's abstract parameters and their shardings, the
     optimizer and its state's shardings, for `config` on `mesh` (`vgg_params`: see `make_loss`)."""
     loss_fn = make_loss(config, vgg_params)
-    mapping = checkpointing.model_mapping(config.model)
-    graphdef, abstract_params = checkpointing.abstract_model(mapping)
+    mapping = factory.resolved_mapping(config.model)
+    graphdef, abstract_params = factory.abstract_params(config)
     lora_spec = lora.spec_from_config(config)
-    if lora_spec is not None:
-        abstract_params = {**abstract_params, lora.KEY: lora.abstract_adapters(abstract_params, lora_spec)}
     param_shardings = sharding.tree_shardings(abstract_params, mesh, config.mesh)
     tx, _ = make_optimizer(config)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -520,24 +520,6 @@ def _abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _host_init(config, model_mapping: Dict[str, Any]) -> Dict[str, Any]:
-    """Parameters drawn on the host from the seed (same on every process), optionally with official VRT weights."""
-    mapping = dict(model_mapping)
-    init_from = mapping.pop("init_vrt_from", None)
-    model = build_model(mapping, rngs=nnx.Rngs(int(config.seed)))
-    if init_from:
-        from vrtspike_jax.convert import load_official_weights_into
-
-        load_official_weights_into(model, os.path.expanduser(str(init_from)))
-        logging.info("RGB branch initialised from official VRT weights %s", init_from)
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    if bool(_get(config, "init.zero_output_conv", False)):
-        # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
-        params["vrt"]["conv_last"] = jax.tree.map(np.zeros_like, params["vrt"]["conv_last"])
-        logging.info("vrt.conv_last initialised to zero: the model starts as the identity")
-    return lora.with_adapters(params, lora.spec_from_config(config), int(config.seed))
-
-
 @contextlib.contextmanager
 def _quiet_closed_loop_callbacks():
     """While a restore fails, tensorstore's reader threads may call back into an asyncio loop that Orbax has
@@ -666,7 +648,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         resumed_from = str(last_dir)
         logging.info("resumed from %s (step %d)", resumed_from, start_step)
     else:
-        params, train_state = setup.init_state(_host_init(config, setup.model_mapping), int(config.seed))
+        params, train_state = setup.init_state(factory.initial_params(config), int(config.seed))
 
     if is_main:
         record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
