@@ -40,21 +40,21 @@ spec = importlib.util.spec_from_file_location("validate_model_shapes", sys.argv[
 script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
 from configs import baseline
-from vrtspike_jax.train import checkpointing
+from vrtspike_jax import factory
 results = {}
 for variant in sys.argv[2:]:
     backend = None
     if variant.startswith("gpu="):                   # training on a GPU: dtype 'auto' -> bfloat16 compute
         backend, variant = "gpu", variant[len("gpu="):]
-        real = checkpointing.jax
-        checkpointing.jax = types.SimpleNamespace(default_backend=lambda: "gpu")
+        real = factory.jax                           # where the model section's dtype 'auto' is resolved
+        factory.jax = types.SimpleNamespace(default_backend=lambda: "gpu")
     config = baseline.get_config(variant)
     frames = script._data_default(config, "clip_length", 5)
     size = script._data_default(config, "crop_size", 256)
     lines = []
     status = script.validate(config, frames, size, size, out=lines.append)
     if backend:
-        checkpointing.jax = real
+        factory.jax = real
     results[(backend + "=" if backend else "") + variant] = dict(
         status=status, lines=lines, frames=frames, size=size, fuse_stages=list(config.model.fuse_stages),
         use_spike=bool(config.model.use_spike), bins=int(config.data.num_bins), scale=int(config.data.spike_scale))
