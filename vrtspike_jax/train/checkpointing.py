@@ -102,6 +102,7 @@ class RunCheckpoints:
         root = Path(workdir) / CHECKPOINT_DIR
         self.last = _manager(root / LAST, LAST_ITEMS, max_to_keep=keep_last, async_save=async_save, best=False)
         self.best = _manager(root / BEST, BEST_ITEMS, max_to_keep=keep_best, async_save=async_save, best=True)
+        self._best_psnr = self.best_value()     # of the kept `best` checkpoints (a restart goes on from it)
 
     @property
     def directory(self) -> Path:
@@ -141,8 +142,6 @@ class RunCheckpoints:
         """The best-checkpoint policy: saves `params` as `best` when the validation PSNR (`result["psnr"]`) is finite
         and above every earlier one of the run (kept checkpoints included, across restarts). Returns whether it
         saved."""
-        if not hasattr(self, "_best_psnr"):
-            self._best_psnr = self.best_value()
         psnr = float(result[BEST_METRIC])
         if not np.isfinite(psnr) or (self._best_psnr is not None and psnr <= self._best_psnr):
             return False

@@ -500,14 +500,13 @@ def _data_position(steps_done: int, nonfinite_in_row: int, *, data_seed: int, gl
             "nonfinite_in_row": int(nonfinite_in_row)}
 
 
-
 def _model_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "model") -> List[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             diffs += _model_differences(a, b, f"{prefix}.{key}")
-        elif json.dumps(a) != json.dumps(b) and key != "init_vrt_from":
+        elif json.dumps(a) != json.dumps(b) and key not in factory.START_OPTIONS:
             diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
     return diffs
 
@@ -573,7 +572,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
     config_dict = checkpointing.config_to_dict(config)
-
 
     if is_main:
         logging.info("config:\n%s", config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -231,8 +232,6 @@ class Validator:
         return self.triptych_every > 0 and (steps_done % self.triptych_every == 0 or steps_done == self.total_steps)
 
     def __call__(self, steps_done: int, apply_fn: Callable) -> Dict[str, Any]:
-        import time
-
         start = time.perf_counter()
         images: Dict[str, np.ndarray] = {}
 
