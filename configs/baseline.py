@@ -5,7 +5,7 @@ r"""The baseline: VRT (official deblurring layout) + spike branch, trained with 
         --config.loss.vgg_weights=weights/vgg16_features.npz                          # embedded data (a GPU run)
     python main.py --config=configs/baseline.py --workdir=runs/x4k --config.data.root=/data/x4k_ours \
         --config.data.spike_scale=2 --config.loss.vgg_weights=weights/vgg16_features.npz \
-        --config.model.init_vrt_from=weights/006_VRT.npz
+        --config.init.vrt_from=weights/006_VRT.npz
     python main.py --config=configs/baseline.py:quick --workdir=runs/quick           # a first try on a laptop
 
 The defaults (every key a config may set) are in vrtspike_jax/train/defaults.py; a misspelt key is an error.
@@ -21,16 +21,16 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
   kair_warmup  KAIR's VRT recipe: SpyNet and the deformable convolutions frozen for the first 20k steps, then
             trained at 0.125x the learning rate (fix_iter 20000, fix_lr_mul 0.125, fix_keys spynet, deform).
   frozen_backbone  VRT (backbone, SpyNet, deformable convolutions) frozen for the run: only the spike encoder, its
-            temporal self-attention and the fusion train (meant with --config.model.init_vrt_from=<VRT .npz>;
+            temporal self-attention and the fusion train (meant with --config.init.vrt_from=<VRT .npz>;
             keeps vrt.conv_last as initialised, never zero).
   staged    two phases in one run: the spike path and the fusion alone for the first 10k steps (VRT frozen: its
             groups' frozen_steps = 10000), then everything at a new schedule (optimizer.restart_at = 10000: warm-up
-            and cosine again); resumes exactly across the boundary. Meant with --config.model.init_vrt_from=<VRT .npz>.
+            and cosine again); resumes exactly across the boundary. Meant with --config.init.vrt_from=<VRT .npz>.
             Phase 2 with LoRA instead of VRT's weights: `:lora --config.optimizer.groups.lora.frozen_steps=10000
             --config.optimizer.restart_at=10000` (docs/TRAINING.md section 2b).
   lora      VRT frozen as in frozen_backbone, adapted by LoRA (rank 8, alpha 16) on every TMSA attention and MLP
             projection (lora.targets); the factors, the spike path and the fusion train. Meant with
-            --config.model.init_vrt_from=<VRT .npz>; scripts/merge_lora.py folds the factors into plain weights.
+            --config.init.vrt_from=<VRT .npz>; scripts/merge_lora.py folds the factors into plain weights.
   ema       an exponential moving average of the parameters (decay 0.999, S-VRT main's) for validation, best and
             the restorer.
   bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test

@@ -181,7 +181,7 @@ def load_config(spec: str, sets):
 
 def configure(args):
     """The training config of the flags (ConfigError / ValueError for a bad one)."""
-    from vrtspike_jax.train import preflight
+    from vrtspike_jax.train import preflight, run_config
 
     config = load_config(args.config, args.set)
     config.global_batch_size = args.batch
@@ -192,7 +192,7 @@ def configure(args):
         value = getattr(args, knob)
         if value is not None:
             config.model[knob] = None if (knob == "dtype" and value == "float32") else value
-    preflight.check_known_keys(config)
+    config = run_config.read(config)   # unknown keys, types and ranges
     preflight.check_model(config)
     preflight.check_training(config)
     return config

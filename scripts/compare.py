@@ -195,7 +195,7 @@ def evaluate(config, folder: Path, split: str, frames: int, perturbation=None):
             eval_iter = PerturbedSpikes(eval_iter, *perturbation)
     model, _ = checkpointing.load_model_from_checkpoint(str(folder.resolve()), which="best")
     lpips = None
-    if config.eval.get("lpips_weights"):
+    if config.eval.lpips_weights:
         lpips = validation.LPIPSScorer(os.path.expanduser(str(config.eval.lpips_weights)),
                                        str(config.eval.lpips_convention))
     pictures = folder / "compare_frames"
@@ -431,7 +431,7 @@ def main(argv):
     for name in FLAGS.robustness:
         try:
             kind, _ = parse_perturbation(name)
-            check_perturbation(kind, str(FLAGS.config.data.get("spike_representation", "voxel")), name)
+            check_perturbation(kind, str(FLAGS.config.data.spike_representation), name)
         except ValueError as error:
             cli.exit_with_error(error)
         if kind == "noise" and FLAGS.config.data.root:

@@ -8,7 +8,7 @@ r"""Converts an official PyTorch VRT checkpoint into an Orbax checkpoint that th
 The output folder has the layout of one step of a training run's checkpoints (`params/`, `config/`), so that
   * `vrtspike_jax.train.checkpointing.load_model_from_checkpoint(OUTPUT)` returns the plain VRT (a VRTWithSpike
     with use_spike=False) with the official weights, and `scripts/test.py --checkpoint OUTPUT` restores videos;
-  * training starts its RGB branch from it with `--config.model.init_vrt_from=OUTPUT`.
+  * training starts its RGB branch from it with `--config.init.vrt_from=OUTPUT`.
 The input is an `.npz` of official state_dict names (optionally behind `param/` / `buffer/` prefixes) or a `.pth`
 (needs torch). Every official parameter must be used exactly once; errors name the key.
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     except UsageError as exc:
         exit_with_error(exc)
     print(f"wrote {out} (load with vrtspike_jax.train.checkpointing.load_model_from_checkpoint, or "
-          f"--config.model.init_vrt_from={out})")
+          f"--config.init.vrt_from={out})")
     return 0
 
 

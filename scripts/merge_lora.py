@@ -33,10 +33,11 @@ def merge_checkpoint(checkpoint: str, output: str, which: str = "best", step: in
     import numpy as np
     from flax import nnx
 
-    from vrtspike_jax.train import checkpointing, lora
+    from vrtspike_jax.train import checkpointing, lora, run_config
 
     step_dir = checkpointing.resolve_checkpoint_dir(checkpoint, step, which)
-    config_dict = json.loads((step_dir / "config" / "metadata").read_text())
+    config_dict = run_config.to_dict(run_config.read(json.loads((step_dir / "config" / "metadata").read_text()),
+                                                     fill_defaults=True))
     spec = lora.spec_from_config(config_dict)
     if spec is None:
         raise UsageError(f"--checkpoint {step_dir}: this run has no LoRA (lora.rank is 0); its weights are plain")

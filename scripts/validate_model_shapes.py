@@ -30,18 +30,21 @@ from ml_collections import config_flags
 from vrtspike_jax import factory  # noqa: E402
 from vrtspike_jax.models import build_model, part_parameter_counts
 from vrtspike_jax.models.vrt_spike import ENCODER_SCALE_OF_STAGE
+from vrtspike_jax.train import run_config
+from vrtspike_jax.train.preflight import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (with a `model` section).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/baseline.py:variant).",
                                           lock_config=False)
-_FRAMES = flags.DEFINE_integer("frames", None, "Clip length T (default: config.data.clip_length, else 5).")
+_FRAMES = flags.DEFINE_integer("frames", None, "Clip length T (default: config.data.clip_length).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Frame height (default: config.data.crop_size, else 256).")
 _WIDTH = flags.DEFINE_integer("width", None, "Frame width (default: config.data.crop_size, else 256).")
 
 
-def _data_default(config, name, fallback):
-    data = config.get("data", None) if hasattr(config, "get") else None
-    value = data.get(name, None) if data is not None else None
-    return fallback if value in (None, 0) else int(value)
+def clip_shape(config, frames=None, height=None, width=None):
+    """(frames, height, width) checked: the flags' values, else the config's clip length and training crop (256 when
+    the config trains on whole frames, crop_size None)."""
+    crop = config.data.crop_size or 256
+    return frames or config.data.clip_length, height or crop, width or crop
 
 
 def validate(config, frames: int, height: int, width: int, out=print) -> int:
@@ -142,14 +145,14 @@ def load_config():
         raise UsageError(f"--config: no such config file {filename!r} (give the path of a config file, e.g. "
                          f"--config=configs/baseline.py)")
     try:
-        model = config.get("model", None)
+        config.get("model", None)
     except OSError as exc:  # ml_collections defers a failed load until the config is used
         message = re.sub(r"^.*earlier failure to load: ", "", _one_line(exc))
         raise UsageError(f"--config={filename}: cannot be loaded ({message})") from None
-    if model is None:
-        raise UsageError(f"--config={filename}: the config has no `model` section (give a training config such as "
-                         f"configs/baseline.py)")
-    return config
+    try:
+        return run_config.read(config)   # a training config: every key known, typed
+    except ConfigError as exc:
+        raise UsageError(f"--config={filename}: {exc}") from None
 
 
 def main(argv):
@@ -158,10 +161,7 @@ def main(argv):
         config = load_config()
     except UsageError as exc:
         _exit_usage(str(exc))
-    frames = _FRAMES.value or _data_default(config, "clip_length", 5)
-    height = _HEIGHT.value or _data_default(config, "crop_size", 256)
-    width = _WIDTH.value or _data_default(config, "crop_size", 256)
-    return validate(config, frames, height, width)
+    return validate(config, *clip_shape(config, _FRAMES.value, _HEIGHT.value, _WIDTH.value))
 
 
 if __name__ == "__main__":

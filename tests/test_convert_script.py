@@ -34,7 +34,7 @@ def test_converted_checkpoint_restores_the_official_function(tmp_path, fixture_f
     restored = np.asarray(nnx.jit(lambda m, x: m(x))(model, frames))
     ref = z["output"].transpose(0, 1, 3, 4, 2)
     assert np.linalg.norm(restored - ref) / np.linalg.norm(ref) <= 1e-5
-    # The same folder starts the RGB branch of a spike model (training's init_vrt_from).
+    # The same folder starts the RGB branch of a spike model (training's init.vrt_from).
     spike_model = VRTWithSpike(VRTWithSpikeConfig(vrt=config_from_official_kwargs(**kwargs), spike_bins=4),
                                rngs=nnx.Rngs(1))
     load_official_weights_into(spike_model, out)

@@ -77,7 +77,7 @@ def test_perceptual_loss_without_vgg_file_fails_before_the_dataset_is_built(tmp_
 @pytest.mark.parametrize("option,what,command", [
     ("loss.vgg_weights", "VGG16 features file", "convert_vgg_weights.py"),
     ("eval.lpips_weights", "LPIPS weights file", "convert_lpips_weights.py"),
-    ("model.init_vrt_from", "official VRT weights", "convert_vrt_checkpoint.py"),
+    ("init.vrt_from", "official VRT weights", "convert_vrt_checkpoint.py"),
     ("data.stats_file", "voxel statistics file", "prepare_data.py"),
 ])
 def test_missing_weights_and_statistics_files(tmp_path, option, what, command):
@@ -151,9 +151,16 @@ def test_damaged_checkpoint_names_the_step_folder(tmp_path, embedded):
 def test_bad_initial_vrt_weights(tmp_path, embedded):
     weights = tmp_path / "vrt.npz"
     np.savez(weights, **{"conv_first.weight": np.zeros((3, 3), np.float32)})
-    expect_error(run(tmp_path / "w", "tiny", f"--config.model.init_vrt_from={weights}",
+    expect_error(run(tmp_path / "w", "tiny", f"--config.init.vrt_from={weights}",
                      f"--config.data.embedded_dir={embedded}"), str(weights))
     assert not (tmp_path / "w" / "run_records").exists()
+
+
+def test_a_moved_key_names_its_new_place(tmp_path):
+    # The initial weights are a start option (init), not a model field: the old name says where it went.
+    expect_error(run(tmp_path / "w", "tiny", "--config.model.init_vrt_from=weights/vrt_gopro"),
+                 "'model.init_vrt_from' is now 'init.vrt_from'", "--config.init.vrt_from=")
+    assert not (tmp_path / "w").exists()
 
 
 def test_damaged_checkpoint_config_names_the_step_folder(tmp_path, embedded):

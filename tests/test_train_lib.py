@@ -5,7 +5,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -13,7 +12,7 @@ from flax import nnx
 
 from configs import baseline
 from vrtspike_jax import factory
-from vrtspike_jax.train import checkpointing, sharding, train_lib
+from vrtspike_jax.train import checkpointing, run_config, sharding, train_lib
 from vrtspike_jax.train.train_lib import StepMetrics, make_optimizer, make_train_step
 
 
@@ -244,7 +243,8 @@ def test_load_model_from_checkpoint_roundtrip(tmp_path):
     saver.close()
     assert checkpointing.resolve_checkpoint_dir(tmp_path).name == "7"
     model, loaded_config = checkpointing.load_model_from_checkpoint(tmp_path)
-    assert isinstance(loaded_config, ml_collections.ConfigDict) and loaded_config.seed == config.seed
+    # The run config comes back typed (run_config.RunConfig) and equal to what was saved.
+    assert isinstance(loaded_config, run_config.RunConfig) and run_config.to_dict(loaded_config) == config_dict
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -48,9 +48,8 @@ for variant in sys.argv[2:]:
         backend, variant = "gpu", variant[len("gpu="):]
         real = factory.jax                           # where the model section's dtype 'auto' is resolved
         factory.jax = types.SimpleNamespace(default_backend=lambda: "gpu")
-    config = baseline.get_config(variant)
-    frames = script._data_default(config, "clip_length", 5)
-    size = script._data_default(config, "crop_size", 256)
+    config = script.run_config.read(baseline.get_config(variant))
+    frames, size, _ = script.clip_shape(config)
     lines = []
     status = script.validate(config, frames, size, size, out=lines.append)
     if backend:

@@ -3,14 +3,15 @@
 only:
 
   resolved_mapping(section)  the `model` section as `models.build_model` takes it: `dtype: 'auto'` resolved for the
-                             backend (bfloat16 compute on GPU/TPU, float32 on CPU) and the training-start option
-                             `init_vrt_from` dropped (it says where weights come from, not what the model is)
+                             backend (bfloat16 compute on GPU/TPU, float32 on CPU)
   model_config(section)      the frozen VRTWithSpikeConfig (an unknown or bad field is a ValueError naming it)
   abstract(section)          (graphdef, abstract parameters): shapes only, nothing allocated
   abstract_params(config)    the abstract parameter tree a run trains: the model's, plus LoRA factors when set
   initial_params(config)     the run's step-0 parameters on the host (NumPy, the same on every process): drawn from
-                             `config.seed`, then the official VRT weights of `model.init_vrt_from`,
-                             `init.zero_output_conv`, and LoRA factors (`lora`)
+                             `config.seed`, then the start options of `init` (official VRT weights `init.vrt_from`,
+                             `init.zero_output_conv`), and LoRA factors (`lora`)
+
+A run config is anything `vrtspike_jax.train.run_config.read` takes (a ConfigDict, or a RunConfig).
   build(graphdef, params, lora_spec)   the model of a parameter tree, LoRA factors folded in
 """
 from __future__ import annotations
@@ -25,8 +26,6 @@ from flax import nnx
 
 from vrtspike_jax.models import VRTWithSpike, VRTWithSpikeConfig, build_model, model_config_from_dict
 from vrtspike_jax.train import lora
-
-START_OPTIONS = ("init_vrt_from",)   # keys of the model section that are not the model
 
 
 def _plain(section) -> Dict[str, Any]:
@@ -49,10 +48,7 @@ def resolve_compute_dtype(mapping: Mapping[str, Any], backend: Optional[str] = N
 
 def resolved_mapping(section, backend: Optional[str] = None) -> Dict[str, Any]:
     """The `model` section (ConfigDict or mapping) as build_model takes it (see the module docstring)."""
-    mapping = resolve_compute_dtype(_plain(section), backend)
-    for key in START_OPTIONS:
-        mapping.pop(key, None)
-    return mapping
+    return resolve_compute_dtype(_plain(section), backend)
 
 
 def model_config(section, backend: Optional[str] = None) -> VRTWithSpikeConfig:
@@ -67,9 +63,16 @@ def abstract(section) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
     return graphdef, nnx.to_pure_dict(params)
 
 
+def _run_config(config):
+    from vrtspike_jax.train import run_config
+
+    return run_config.read(config)
+
+
 def abstract_params(config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
     """(graphdef, abstract parameter tree) of a run config: the model's, plus `params["lora"]` when LoRA is set."""
-    graphdef, params = abstract(config["model"])
+    config = _run_config(config)
+    graphdef, params = abstract(config.model)
     spec = lora.spec_from_config(config)
     if spec is not None:
         params = {**params, lora.KEY: lora.abstract_adapters(params, spec)}
@@ -78,20 +81,20 @@ def abstract_params(config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
 
 def initial_params(config) -> Dict[str, Any]:
     """The run's parameters at step 0 (see the module docstring), NumPy on the host."""
-    model = build_model(model_config(config["model"]), rngs=nnx.Rngs(int(config["seed"])))
-    init_from = config["model"].get("init_vrt_from")
+    config = _run_config(config)
+    model = build_model(model_config(config.model), rngs=nnx.Rngs(config.seed))
+    init_from = config.init.vrt_from
     if init_from:
         from vrtspike_jax.convert import load_official_weights_into
 
         load_official_weights_into(model, os.path.expanduser(str(init_from)))
         logging.info("RGB branch initialised from official VRT weights %s", init_from)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    init = config.get("init") or {}
-    if bool(init.get("zero_output_conv", False)):
+    if config.init.zero_output_conv:
         # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
         params["vrt"]["conv_last"] = jax.tree.map(np.zeros_like, params["vrt"]["conv_last"])
         logging.info("vrt.conv_last initialised to zero: the model starts as the identity")
-    return lora.with_adapters(params, lora.spec_from_config(config), int(config["seed"]))
+    return lora.with_adapters(params, lora.spec_from_config(config), config.seed)
 
 
 def build(graphdef, params, lora_spec: Optional[lora.LoRASpec] = None) -> VRTWithSpike:
@@ -99,5 +102,5 @@ def build(graphdef, params, lora_spec: Optional[lora.LoRASpec] = None) -> VRTWit
     return nnx.merge(graphdef, lora.apply(params, lora_spec))
 
 
-__all__ = ["START_OPTIONS", "abstract", "abstract_params", "build", "initial_params", "model_config",
+__all__ = ["abstract", "abstract_params", "build", "initial_params", "model_config",
            "resolve_compute_dtype", "resolved_mapping"]

@@ -32,7 +32,7 @@ from flax import nnx
 
 from vrtspike_jax import factory
 from vrtspike_jax.models import VRTWithSpike
-from vrtspike_jax.train import lora
+from vrtspike_jax.train import lora, run_config
 
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last", "best"
@@ -54,7 +54,12 @@ class CheckpointReadError(ValueError):
 
 
 def config_to_dict(config) -> Dict[str, Any]:
-    """A JSON-able dict of an ml_collections ConfigDict (placeholders and references resolved; tuples as lists)."""
+    """A JSON-able dict of an ml_collections ConfigDict (placeholders and references resolved; tuples as lists), a
+    RunConfig or a mapping."""
+    from vrtspike_jax.train import run_config
+
+    if isinstance(config, run_config.RunConfig):
+        return run_config.to_dict(config)
     if isinstance(config, Mapping) and not hasattr(config, "to_json_best_effort"):
         return json.loads(json.dumps(dict(config), default=_json_default))
     return json.loads(config.to_json_best_effort())
@@ -66,13 +71,6 @@ def _json_default(value):
     if isinstance(value, (tuple, set)):
         return list(value)
     return str(value)
-
-
-def config_from_dict(values: Mapping[str, Any]):
-    """ml_collections.ConfigDict from a dict saved by `config_to_dict`."""
-    import ml_collections
-
-    return ml_collections.ConfigDict(dict(values))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,7 +242,8 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
       which: "best" (by validation PSNR) or "last" (the newest training checkpoint). Ignored for a step folder.
     Returns:
       (model, config): a VRTWithSpike with the trained parameters on the default device (compute dtype 'auto'
-      resolved for this backend), and the full run config (ml_collections.ConfigDict).
+      resolved for this backend), and the run config (run_config.RunConfig; keys a config saved by an older version
+      lacks take today's defaults, e.g. a folder from scripts/convert_vrt_checkpoint.py saves only `model`).
     Raises:
       CheckpointNotFoundError naming what was looked for; ValueError for a bad `which`.
     """
@@ -254,14 +253,17 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
         config_dict = json.loads(config_file.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointNotFoundError(f"{config_file}: cannot read the run config of the checkpoint ({error})")
-    config = config_from_dict(config_dict)
+    try:
+        config = run_config.read(config_dict, fill_defaults=True)
+    except ValueError as error:   # ConfigError: a key this version does not know, a bad value
+        raise CheckpointNotFoundError(f"{config_file}: {error}") from None
     # With LoRA the checkpoint holds VRT's weights and the factors: they are folded in below.
-    graphdef, abstract_params = factory.abstract_params(config_dict)
+    graphdef, abstract_params = factory.abstract_params(config)
     lora_spec = lora.spec_from_config(config)
     device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
-    ema_decay = float((config_dict.get("optimizer") or {}).get("ema_decay") or 0.0)
+    ema_decay = config.optimizer.ema_decay
     with ocp.StandardCheckpointer() as checkpointer:
         if ema_decay > 0 and (step_dir / "train_state").is_dir():
             # A `last` checkpoint of a run with an EMA: the EMA (in its train state) is the model to restore, as
@@ -290,5 +292,5 @@ def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
             "rng": on_device(jax.ShapeDtypeStruct((2,), jnp.uint32)), "ema": abstract_params}
 
 
-__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints", "config_from_dict",
+__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints",
            "config_to_dict", "load_model_from_checkpoint", "resolve_checkpoint_dir"]

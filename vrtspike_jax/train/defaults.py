@@ -20,7 +20,6 @@ def _model_config(data) -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict()
     model.vrt_preset = "deblur"                 # official deblurring VRT: 18.3M parameters, widths [96]*7+[120]*4
     model.vrt_overrides = ml_collections.ConfigDict()   # VRTConfig architecture fields (depths, embed_dims, ...)
-    model.init_vrt_from = placeholder(str)     # official VRT weights (.npz or .pth state_dict) for the RGB branch
     model.remat = "full"                        # rematerialise every TMSA block in training (memory)
     model.remat_stages = False                  # True: also each stage as a whole (leanest memory, +1 forward)
     model.scan_blocks = True                    # repeated TMSA blocks compiled once (lax.scan)
@@ -53,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.embedded.height = config.data.embedded.width = 320
     config.model = _model_config(config.data)
 
+    # Where the first parameters come from (training-start options; the model section says what the model is).
     config.init = ml_collections.ConfigDict()
+    config.init.vrt_from = placeholder(str)     # official VRT weights (.npz, .pth state_dict or converted folder)
     config.init.zero_output_conv = False        # True: vrt.conv_last starts at 0, so the model starts as identity
 
     config.optimizer = ml_collections.ConfigDict()

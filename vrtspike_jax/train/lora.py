@@ -53,11 +53,14 @@ class LoRASpec:
 
 
 def spec_from_config(config) -> Optional[LoRASpec]:
-    """The config's `lora` section as a LoRASpec; None when absent (older runs) or rank 0 (no LoRA)."""
-    section = config.get("lora") if hasattr(config, "get") else None
-    if not section or int(section.get("rank", 0) or 0) == 0:
+    """The run config's `lora` section as a LoRASpec (any config `run_config.read` takes); None for rank 0 (no
+    LoRA)."""
+    from vrtspike_jax.train import run_config
+
+    section = run_config.read(config).lora
+    if section.rank == 0:
         return None
-    spec = LoRASpec(int(section["rank"]), float(section["alpha"]), tuple(str(t) for t in section["targets"]))
+    spec = LoRASpec(section.rank, section.alpha, section.targets)
     check(spec)
     return spec
 

@@ -69,14 +69,12 @@ def group_tree(params) -> Any:
 
 
 def group_settings(config) -> Dict[str, Tuple[float, int]]:
-    """{group: (lr_multiplier, frozen_steps)} from `config.optimizer.groups` (every group; defaults (1.0, 0), also
-    for a group that a saved run config predates)."""
-    groups = config.optimizer.groups
-    out = {}
-    for name in GROUP_NAMES:
-        g = groups.get(name) or {"lr_multiplier": 1.0, "frozen_steps": 0}
-        out[name] = (float(g["lr_multiplier"]), int(g["frozen_steps"]))
-    return out
+    """{group: (lr_multiplier, frozen_steps)} from `config.optimizer.groups` (any config `run_config.read` takes; a
+    saved run config that predates a group is read with that group's defaults)."""
+    from vrtspike_jax.train import run_config
+
+    groups = run_config.read(config).optimizer.groups
+    return {name: (groups[name].lr_multiplier, groups[name].frozen_steps) for name in GROUP_NAMES}
 
 
 def is_default(settings: Mapping[str, Tuple[float, int]]) -> bool:

@@ -1,7 +1,9 @@
 """Checks of a training config that run before anything is built, compiled or written.
 
-`preflight(config)` raises `ConfigError` (one line: the option, its value and what to do) for
-  * a key that no training config has (a typo must not silently fall back to a default; `check_known_keys`),
+`preflight(config)` reads the config (vrtspike_jax/train/run_config.py) and raises `ConfigError` (one line: the option,
+its value and what to do) for
+  * a key that no training config has (a typo must not silently fall back to a default; `check_known_keys`), a key
+    a section lacks, a value of the wrong type or range,
   * a model section that does not describe a model (unknown field, bad preset),
   * a weights or statistics file that is set but absent, or the VGG file that a non-zero perceptual weight
     needs and that is not set,
@@ -24,7 +26,7 @@ VRT_COMMAND = ("python scripts/convert_vrt_checkpoint.py --input 006_VRT_videode
                "--output weights/vrt_gopro")
 # Sections whose keys are not in the defaults: checked against the dataclass whose fields they set.
 _FREE_SECTIONS = {"model.vrt_overrides": "vrtspike_jax.models.vrt.config:VRTConfig"}
-_EXTRA_TOP_LEVEL = ("variant",)
+_EXTRA_TOP_LEVEL = ("variant", "source")   # records: the variants used; what a converted checkpoint came from
 
 
 class ConfigError(ValueError):
@@ -36,11 +38,17 @@ def _is_mapping(node: Any) -> bool:
 
 
 def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
+    from vrtspike_jax.train.run_config import MOVED
+
+    name = ".".join(filter(None, [path, key]))
+    moved = {".".join(old): ".".join(new) for old, new in MOVED.items()}
+    if name in moved:
+        return ConfigError(f"config key {name!r} is now {moved[name]!r}: use --config.{moved[name]}=...")
     known = sorted(known)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {'.'.join(filter(None, [path, close[0]]))!r}? " if close else ""
-    return ConfigError(f"unknown config key {'.'.join(filter(None, [path, key]))!r}: {hint}known keys"
-                       f"{' of ' + path if path else ''}: {', '.join(known)}")
+    return ConfigError(f"unknown config key {name!r}: {hint}known keys{' of ' + path if path else ''}: "
+                       f"{', '.join(known)}")
 
 
 def _dataclass_fields(spec: str):
@@ -77,15 +85,6 @@ def check_known_keys(config: Mapping[str, Any], reference: Optional[Mapping[str,
             check_known_keys(config[key], reference[key], name)
 
 
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not _is_mapping(node) or part not in node.keys():
-            return None
-        node = node[part]
-    return node
-
-
 def _require_file(option: str, value, what: str, command: Optional[str], directory_ok: bool = False) -> None:
     path = Path(os.path.expanduser(str(value)))
     if path.is_file() or (directory_ok and path.is_dir()):
@@ -96,28 +95,29 @@ def _require_file(option: str, value, what: str, command: Optional[str], directo
 
 def check_files(config) -> None:
     """Every file option that is set must exist; the VGG file must be set when the perceptual weight is not 0."""
-    weight = float(_get(config, "loss.perceptual_weight") or 0.0)
-    vgg = _get(config, "loss.vgg_weights")
+    cfg = _typed(config)
+    weight, vgg = cfg.loss.perceptual_weight, cfg.loss.vgg_weights
     if weight != 0.0 and not vgg:
         raise ConfigError(f"loss.vgg_weights is not set but loss.perceptual_weight={weight:g} needs the VGG16 features "
                           f"file: make it with `{VGG_COMMAND}` and pass "
                           "--config.loss.vgg_weights=weights/vgg16_features.npz (or --config.loss.perceptual_weight=0)")
     if weight != 0.0:
         _require_file("loss.vgg_weights", vgg, "VGG16 features file", VGG_COMMAND)
-    if _get(config, "eval.lpips_weights"):
-        _require_file("eval.lpips_weights", _get(config, "eval.lpips_weights"), "LPIPS weights file", LPIPS_COMMAND)
-    if _get(config, "model.init_vrt_from"):
-        _require_file("model.init_vrt_from", _get(config, "model.init_vrt_from"),
+    if cfg.eval.lpips_weights:
+        _require_file("eval.lpips_weights", cfg.eval.lpips_weights, "LPIPS weights file", LPIPS_COMMAND)
+    if cfg.init.vrt_from:
+        _require_file("init.vrt_from", cfg.init.vrt_from,
                       "official VRT weights (.npz / .pth, or a converted checkpoint folder)", VRT_COMMAND,
                       directory_ok=True)
-    if _get(config, "data.stats_file"):
-        _require_file("data.stats_file", _get(config, "data.stats_file"), "voxel statistics file",
+    if cfg.data.stats_file:
+        _require_file("data.stats_file", cfg.data.stats_file, "voxel statistics file",
                       "python scripts/prepare_data.py --root <data root>")
 
 
 def check_data_root(config) -> None:
     """A configured data root must exist and be prepared for the config's K and f (DataError otherwise)."""
-    root = _get(config, "data.root")
+    data = _typed(config).data
+    root = data.root
     if not root:
         return  # the embedded dataset, built on first use
     from data_pipelines import prepare
@@ -127,7 +127,7 @@ def check_data_root(config) -> None:
     if not path.is_dir():
         raise DataError(path, "data.root: no such folder (give a root made by scripts/prepare_data.py, or leave "
                               "data.root unset for the embedded dataset)", "missing_root")
-    prepare.read_prepared(path, num_bins=_get(config, "data.num_bins"), spike_scale=_get(config, "data.spike_scale"))
+    prepare.read_prepared(path, num_bins=data.num_bins, spike_scale=data.spike_scale)
 
 
 def check_model(config) -> None:
@@ -141,7 +141,7 @@ def check_model(config) -> None:
     from vrtspike_jax import factory
 
     try:
-        mapping = factory.resolved_mapping(config["model"], backend="cpu")
+        mapping = factory.resolved_mapping(_typed(config).model, backend="cpu")
         for name in ("dtype", "param_dtype"):
             value = mapping.get(name)
             if value in (None, "", "bfloat16"):
@@ -157,48 +157,37 @@ def check_model(config) -> None:
 
 
 def check_training(config) -> None:
-    """Training options with a valid range: parameter groups (optimizer.groups), LoRA (lora: rank, alpha, targets;
-    its factors must train), optimizer.restart_at >= 0, data.spike_dropout in [0, 1) and only with
-    spikes."""
-    from vrtspike_jax.train import param_groups
+    """Training options that depend on each other: parameter groups (optimizer.groups), LoRA (lora: rank, alpha,
+    targets; its factors must train), data.spike_representation, data.spike_dropout in [0, 1) and only with spikes.
+    (Single-value ranges such as optimizer.restart_at >= 0 are checked when the config is read.)"""
+    from data_pipelines import spike_input
+    from vrtspike_jax.train import lora, param_groups
 
-    if _get(config, "optimizer.groups") is not None:
-        settings = param_groups.group_settings(config)
-        try:
-            param_groups.check(settings)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        frozen = settings["backbone"][1]
-        if _get(config, "init.zero_output_conv") and frozen != 0:
-            span = "for the run" if frozen == param_groups.ALWAYS else f"for the first {frozen} steps"
-            raise ConfigError(f"init.zero_output_conv=True with the backbone frozen {span} "
-                              f"(optimizer.groups.backbone.frozen_steps={frozen}): vrt.conv_last would stay zero, so "
-                              "the output would be the input and no gradient would reach any parameter; set "
-                              "--config.init.zero_output_conv=False (or start from trained weights)")
-    from vrtspike_jax.train import lora
-
+    cfg = _typed(config)
+    settings = param_groups.group_settings(cfg)
     try:
-        spec = lora.spec_from_config(config)
+        param_groups.check(settings)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if spec is not None and param_groups.group_settings(config)["lora"][1] == param_groups.ALWAYS:
+    frozen = settings["backbone"][1]
+    if cfg.init.zero_output_conv and frozen != 0:
+        span = "for the run" if frozen == param_groups.ALWAYS else f"for the first {frozen} steps"
+        raise ConfigError(f"init.zero_output_conv=True with the backbone frozen {span} "
+                          f"(optimizer.groups.backbone.frozen_steps={frozen}): vrt.conv_last would stay zero, so "
+                          "the output would be the input and no gradient would reach any parameter; set "
+                          "--config.init.zero_output_conv=False (or start from trained weights)")
+    try:
+        spec = lora.spec_from_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if spec is not None and settings["lora"][1] == param_groups.ALWAYS:
         raise ConfigError(f"lora.rank={spec.rank} with optimizer.groups.lora.frozen_steps=-1: the LoRA factors would "
                           "never train; set --config.lora.rank=0 or let the group train")
-    from data_pipelines import spike_input
-    spike_input.check_config(_get(config, "data"))   # data.spike_representation and its parameters
-    restart = int(_get(config, "optimizer.restart_at") or 0)
-    if restart < 0:
-        raise ConfigError(f"optimizer.restart_at={restart}: expected 0 (one schedule) or the step N > 0 where the "
-                          "schedule starts again")
-    decay = _get(config, "optimizer.ema_decay")
-    if decay is not None and not 0.0 <= float(decay) < 1.0:
-        raise ConfigError(f"optimizer.ema_decay={decay}: expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")
-    rate = _get(config, "data.spike_dropout")
-    if rate is None:
-        return
-    if not 0.0 <= float(rate) < 1.0:
+    spike_input.check_config(cfg.data)   # data.spike_representation and its parameters
+    rate = float(cfg.data.spike_dropout)
+    if not 0.0 <= rate < 1.0:
         raise ConfigError(f"data.spike_dropout={rate}: expected a probability in [0, 1)")
-    if float(rate) > 0 and not _get(config, "model.use_spike"):
+    if rate > 0 and not cfg.model.use_spike:
         raise ConfigError(f"data.spike_dropout={rate} needs a model with spikes (model.use_spike is False)")
 
 
@@ -212,13 +201,21 @@ def user_errors() -> tuple:
     return ConfigError, DataError, CheckpointError, CheckpointNotFoundError, CheckpointReadError
 
 
-def preflight(config) -> None:
-    """All checks above, cheapest first; nothing is built, compiled or written."""
-    check_known_keys(config)
-    check_files(config)
-    check_model(config)
-    check_training(config)
-    check_data_root(config)
+def _typed(config):
+    from vrtspike_jax.train import run_config
+
+    return run_config.read(config)
+
+
+def preflight(config):
+    """All checks above, cheapest first (reading the config checks its keys, types and single-value ranges); nothing
+    is built, compiled or written. Returns the typed config (run_config.RunConfig)."""
+    cfg = _typed(config)
+    check_files(cfg)
+    check_model(cfg)
+    check_training(cfg)
+    check_data_root(cfg)
+    return cfg
 
 
 __all__ = ["ConfigError", "check_data_root", "check_files", "check_known_keys", "check_model", "check_training", "preflight",

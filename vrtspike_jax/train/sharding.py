@@ -24,18 +24,26 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def _get(config, name, default):
-    try:
-        value = config[name]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if value is None else value
+def mesh_settings(mesh_config=None):
+    """The mesh section as run_config.MeshSettings: a MeshSettings as it is; a mapping (a ConfigDict section or a plain
+    dict, e.g. {"fsdp": 2}) over the defaults of vrtspike_jax/train/defaults.py; None: those defaults."""
+    from vrtspike_jax.train import run_config
+    from vrtspike_jax.train.defaults import base_config
+
+    if isinstance(mesh_config, run_config.MeshSettings):
+        return mesh_config
+    values = base_config().mesh.to_dict()
+    unknown = sorted(set(mesh_config or {}) - set(values))
+    if unknown:
+        raise ConfigError(f"unknown mesh key(s) {unknown}; known: {sorted(values)}")
+    values.update(dict(mesh_config or {}))
+    return run_config.build_section(run_config.MeshSettings, values, "mesh")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple:
     """(data, fsdp) sizes for `num_devices`; raises ConfigError naming the sizes when they do not fit."""
-    data = int(_get(mesh_config, "data", -1))
-    fsdp = int(_get(mesh_config, "fsdp", 1))
+    settings = mesh_settings(mesh_config)
+    data, fsdp = settings.data, settings.fsdp
     if fsdp < 1:
         raise ConfigError(f"mesh.fsdp must be >= 1, got {fsdp}")
     if data == -1:
@@ -73,7 +81,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = 2 ** 14) -> 
 def tree_shardings(tree: Any, mesh: Mesh, mesh_config=None) -> Any:
     """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
     fsdp_size = mesh.shape[FSDP_AXIS]
-    min_size = int(_get(mesh_config, "fsdp_min_size", 2 ** 14))
+    min_size = mesh_settings(mesh_config).fsdp_min_size
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, min_size)), tree)
 
 
@@ -132,4 +140,4 @@ def local_copy(tree: Any, device: Optional[jax.Device] = None) -> Any:
 
 
 __all__ = ["BATCH_AXES", "DATA_AXIS", "FSDP_AXIS", "batch_sharding", "check_batch_size", "fsdp_spec",
-           "global_batch", "local_copy", "make_mesh", "mesh_shape", "put_global", "replicated", "tree_shardings"]
+           "global_batch", "local_copy", "make_mesh", "mesh_settings", "mesh_shape", "put_global", "replicated", "tree_shardings"]

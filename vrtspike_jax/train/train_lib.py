@@ -43,7 +43,7 @@ import optax
 
 from vrtspike_jax.losses import RestorationLoss
 from vrtspike_jax import factory
-from vrtspike_jax.train import checkpointing, lora, param_groups, preflight, sharding, validation
+from vrtspike_jax.train import checkpointing, lora, param_groups, preflight, run_config, sharding, validation
 from vrtspike_jax.train.run_record import write_run_record
 
 TRAIN_BATCH_KEYS = ("blur", "sharp", "spike_vox")
@@ -57,16 +57,6 @@ class NonFiniteLossError(RuntimeError):
 # Setup helpers
 
 
-def _get(config, path: str, default=None):
-    node = config
-    for part in path.split("."):
-        try:
-            node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            return default
-    return default if node is None else node
-
-
 def maybe_initialize_distributed(config) -> bool:
     """Calls `jax.distributed.initialize` when `config.distributed.initialize` is true or the environment sets
     VRTSPIKE_DISTRIBUTED=1 (and it has not run yet). Returns whether this is a multi-process run.
@@ -74,14 +64,14 @@ def maybe_initialize_distributed(config) -> bool:
     Coordinator address, process count and id come from the config or, when unset, from the cluster environment
     (Cloud TPU, SLURM, ...). On CPU the cross-process collectives use `distributed.cpu_collectives` (gloo).
     """
-    wanted = bool(_get(config, "distributed.initialize", False)) or os.environ.get("VRTSPIKE_DISTRIBUTED") == "1"
+    dist = run_config.read(config).distributed
+    wanted = dist.initialize or os.environ.get("VRTSPIKE_DISTRIBUTED") == "1"
     if wanted and not jax.distributed.is_initialized():
-        collectives = _get(config, "distributed.cpu_collectives", "gloo")
-        if collectives:
-            jax.config.update("jax_cpu_collectives_implementation", collectives)
-        kwargs = {k: _get(config, f"distributed.{k}") for k in ("coordinator_address", "num_processes",
-                                                                 "process_id")}
-        timeout = int(_get(config, "distributed.initialization_timeout", 300))
+        if dist.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+        kwargs = {"coordinator_address": dist.coordinator_address, "num_processes": dist.num_processes,
+                  "process_id": dist.process_id}
+        timeout = dist.initialization_timeout
         logging.info("jax.distributed.initialize(%s, initialization_timeout=%d)", kwargs, timeout)
         jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None},
                                    initialization_timeout=timeout)
@@ -90,7 +80,7 @@ def maybe_initialize_distributed(config) -> bool:
 
 def enable_compilation_cache(config) -> None:
     """Persistent XLA compilation cache in `config.compilation_cache_dir` (if set): restarts skip compiling."""
-    folder = _get(config, "compilation_cache_dir")
+    folder = run_config.read(config).compilation_cache_dir
     if folder:
         folder = os.path.expanduser(str(folder))
         os.makedirs(folder, exist_ok=True)
@@ -124,16 +114,17 @@ def make_schedule(config) -> optax.Schedule:
     `optimizer.schedule_steps` (None: `total_steps`). With `optimizer.restart_at` = R > 0 (staged training) the
     schedule runs twice: once over steps [0, R), and again, warm-up included, over [R, horizon)
     (`optax.join_schedules`)."""
+    config = run_config.read(config)
     opt = config.optimizer
-    total = int(_get(config, "optimizer.schedule_steps") or config.total_steps)
-    warmup = int(opt.warmup_steps)
+    total = config.schedule_horizon
+    warmup = opt.warmup_steps
 
     def warmup_cosine(steps: int) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=float(opt.learning_rate), warmup_steps=min(warmup, max(steps - 1, 0)),
-            decay_steps=max(steps, warmup + 1, 1), end_value=float(opt.end_learning_rate))
+            init_value=0.0, peak_value=opt.learning_rate, warmup_steps=min(warmup, max(steps - 1, 0)),
+            decay_steps=max(steps, warmup + 1, 1), end_value=opt.end_learning_rate)
 
-    restart = int(_get(config, "optimizer.restart_at", 0) or 0)
+    restart = opt.restart_at
     if 0 < restart < total:
         return optax.join_schedules([warmup_cosine(restart), warmup_cosine(total - restart)], [restart])
     if restart >= total:   # e.g. `:quick,staged`: a smoke run shorter than phase 1
@@ -148,13 +139,14 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
     vrtspike_jax/train/param_groups.py). A group frozen for its first N steps follows the run's schedule once it
     trains (its AdamW counts from 0 at step N, its learning rate is the schedule's at the run's step, as KAIR's
     global scheduler gives). Returns (transformation, schedule)."""
+    config = run_config.read(config)
     opt = config.optimizer
     schedule = make_schedule(config)
 
     def adamw(offset: int = 0):
         rate = schedule if offset == 0 else (lambda count: schedule(count + offset))
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=rate, b1=float(opt.b1), b2=float(opt.b2),
-                                                     eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=rate, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                                     weight_decay=opt.weight_decay)
 
     settings = param_groups.group_settings(config)
     if param_groups.is_default(settings):
@@ -174,7 +166,7 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
             transforms[label] = inner
         update = optax.multi_transform(transforms, lambda params: jax.tree.map(
             lambda group: param_groups.label_of(settings[group]), param_groups.group_tree(params)))
-    clip = float(_get(config, "optimizer.grad_clip_norm", 0.0))
+    clip = opt.grad_clip_norm
     tx = optax.chain(optax.clip_by_global_norm(clip), update) if clip > 0 else update
     return tx, schedule
 
@@ -214,11 +206,10 @@ def keep_schedule_position(kept_state, updated_state):
 def make_loss(config, vgg_params=None) -> RestorationLoss:
     """The training loss of `config.loss` (a missing VGG weights file with a non-zero weight fails here; `vgg_params`
     given: those VGG weights instead of the file's, e.g. `losses.random_vgg_state` for the benchmark)."""
-    loss = config.loss
-    return RestorationLoss(charbonnier_delta=float(loss.charbonnier_delta),
-                           perceptual_weight=float(loss.perceptual_weight), vgg_weights=_get(config, "loss.vgg_weights"),
-                           vgg_network=str(loss.vgg_network), vgg_layers=tuple(loss.vgg_layers),
-                           vgg_distance=str(loss.vgg_distance), vgg_params=vgg_params)
+    loss = run_config.read(config).loss
+    return RestorationLoss(charbonnier_delta=loss.charbonnier_delta, perceptual_weight=loss.perceptual_weight,
+                           vgg_weights=loss.vgg_weights, vgg_network=loss.vgg_network, vgg_layers=loss.vgg_layers,
+                           vgg_distance=loss.vgg_distance, vgg_params=vgg_params)
 
 
 def batch_keys(use_spike: bool) -> Tuple[str, ...]:
@@ -383,6 +374,7 @@ class TrainSetup:
 def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> TrainSetup:
     """The loss (a missing VGG weights file fails here), the model's abstract parameters and their shardings, the
     optimizer and its state's shardings, for `config` on `mesh` (`vgg_params`: see `make_loss`)."""
+    config = run_config.read(config)
     loss_fn = make_loss(config, vgg_params)
     mapping = factory.resolved_mapping(config.model)
     graphdef, abstract_params = factory.abstract_params(config)
@@ -395,7 +387,7 @@ def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> Train
                              "rng": repl}
     abstract_train_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": abstract_opt,
                             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    ema_decay = float(config.optimizer.ema_decay)
+    ema_decay = config.optimizer.ema_decay
     if ema_decay > 0:
         abstract_train_state["ema"] = abstract_params
         train_state_shardings["ema"] = param_shardings
@@ -506,9 +498,30 @@ def _model_differences(saved: Mapping[str, Any], current: Mapping[str, Any], pre
         a, b = saved.get(key), current.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             diffs += _model_differences(a, b, f"{prefix}.{key}")
-        elif json.dumps(a) != json.dumps(b) and key not in factory.START_OPTIONS:
+        elif json.dumps(a) != json.dumps(b):
             diffs.append(f"{prefix}.{key}: checkpoint {a!r}, now {b!r}")
     return diffs
+
+
+def check_same_model(checkpoints: checkpointing.RunCheckpoints, step: int, config_dict: Mapping[str, Any]) -> None:
+    """ConfigError unless `last` checkpoint `step` holds the model of `config_dict` (model section, and LoRA when
+    either has it); CheckpointReadError when its saved config cannot be read."""
+    step_dir = checkpoints.directory / checkpointing.LAST / str(step)
+    try:
+        saved = run_config.to_dict(run_config.read(checkpoints.read_config(step), fill_defaults=True))
+    except Exception as err:  # a damaged or foreign config item
+        checkpoints.close()
+        raise checkpointing.CheckpointReadError(
+            f"{step_dir}: cannot read the run config of this checkpoint ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); move that step folder away to resume from the previous one, or use "
+            "a new --workdir") from err
+    diffs = _model_differences(saved["model"], config_dict["model"])
+    if saved["lora"]["rank"] or config_dict["lora"]["rank"]:   # LoRA factors change the parameter tree
+        diffs += _model_differences(saved["lora"], config_dict["lora"], "lora")
+    if diffs:
+        checkpoints.close()
+        raise preflight.ConfigError(f"{checkpoints.directory.parent} holds checkpoints of another model; differences: "
+                                    f"{'; '.join(diffs)}. Use a new --workdir (or the same model config) to go on.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -542,7 +555,7 @@ def _quiet_closed_loop_callbacks():
     sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
 
 
-def _sample_metadata(train_iter, step: int, global_batch_size: int) -> List[Dict[str, Any]]:
+def _sample_metadata(train_iter, step: int, *, global_batch_size: int) -> List[Dict[str, Any]]:
     """The global batch of `step` (0-based) as {position, name, crop_y, crop_x, hflip, vflip} per sample."""
     samples = []
     for position in range(step * global_batch_size, (step + 1) * global_batch_size):
@@ -550,6 +563,47 @@ def _sample_metadata(train_iter, step: int, global_batch_size: int) -> List[Dict
         samples.append({"position": position, "name": train_iter.sample_name(clip), "crop_y": y, "crop_x": x,
                         "hflip": hflip, "vflip": vflip})
     return samples
+
+
+def restore_run(checkpoints: checkpointing.RunCheckpoints, step: int, setup: TrainSetup,
+                global_batch_size: int):
+    """(params, train_state, data_position, step folder) of `last` checkpoint `step`, placed in the setup's shardings;
+    CheckpointReadError naming the step folder when it cannot be restored or holds another step."""
+    last_dir = checkpoints.directory / checkpointing.LAST / str(step)
+    try:
+        with _quiet_closed_loop_callbacks():
+            params, train_state, position, _ = checkpoints.restore_last(step, *setup.abstract_targets())
+    except Exception as err:  # Orbax / tensorstore raise many types for a damaged or foreign folder
+        checkpoints.close()     # its background threads would otherwise print tracebacks at exit
+        raise checkpointing.CheckpointReadError(
+            f"{last_dir}: cannot restore this checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+            "move that step folder away to resume from the previous one, or use a new --workdir") from err
+    held = int(jax.device_get(train_state["step"]))
+    if held != step:
+        raise checkpointing.CheckpointReadError(f"{last_dir}: holds step {held}, not {step}")
+    if int(position.get("global_batch_size", global_batch_size)) != global_batch_size:
+        logging.warning("global_batch_size changed from %s to %d: the input order after the resume differs from an "
+                        "uninterrupted run", position.get("global_batch_size"), global_batch_size)
+    logging.info("resumed from %s (step %d)", last_dir, step)
+    return params, train_state, position, str(last_dir)
+
+
+def open_input(config: run_config.RunConfig, start_step: int):
+    """(train iterator at `start_step`, this process's eval iterator, the exclusion counts of both splits)."""
+    from data_pipelines import input_pipeline
+
+    train_iter = input_pipeline.create_train_iterator(config.data, global_batch_size=config.global_batch_size,
+                                                      seed=config.seed, start_step=start_step,
+                                                      process_index=jax.process_index(),
+                                                      process_count=jax.process_count())
+    eval_iter = input_pipeline.create_eval_iterator(config.data, process_index=jax.process_index(),
+                                                    process_count=jax.process_count())
+    logging.info("data: %s (%d training clips, %d validation clips on this process)", train_iter.root,
+                 train_iter.num_samples, len(eval_iter))
+    # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
+    data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
+    logging.info("data exclusions: %s", data_counts)
+    return train_iter, eval_iter, data_counts
 
 
 def train_and_evaluate(config, workdir) -> Dict[str, Any]:
@@ -561,140 +615,90 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """
     from clu import metric_writers, periodic_actions
 
-    from data_pipelines import input_pipeline
-
     run_start = time.perf_counter()
-    preflight.preflight(config)   # bad keys, absent files, unprepared data: one-line errors before any work
+    config = preflight.preflight(config)   # the typed config; bad keys, absent files, unprepared data: one line
     maybe_initialize_distributed(config)
     enable_compilation_cache(config)
     workdir = Path(os.path.expanduser(os.fspath(workdir))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
-    config_dict = checkpointing.config_to_dict(config)
-
+    is_main, process_count = jax.process_index() == 0, jax.process_count()
+    config_dict = run_config.to_dict(config)
     if is_main:
-        logging.info("config:\n%s", config)
+        logging.info("config:\n%s", json.dumps(config_dict, indent=1))
 
     # ---- mesh, loss, model abstract shapes and shardings, optimizer
     mesh = sharding.make_mesh(config.mesh)
-    global_batch_size = int(config.global_batch_size)
-    sharding.check_batch_size(global_batch_size, mesh, process_count)
+    sharding.check_batch_size(config.global_batch_size, mesh, process_count)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, process_count)
     setup = build_train_setup(config, mesh)
-    use_spike = setup.use_spike
-    logging.info("model: %s parameters (use_spike=%s, dtype=%s)", f"{setup.num_params:,}", use_spike,
+    logging.info("model: %s parameters (use_spike=%s, dtype=%s)", f"{setup.num_params:,}", setup.use_spike,
                  setup.model_mapping.get("dtype"))
 
-    # ---- checkpoints: resume or initialise
-    ckpt_cfg = config.checkpoint
-    checkpoints = checkpointing.RunCheckpoints(workdir, keep_last=int(ckpt_cfg.keep_last),
-                                               keep_best=int(ckpt_cfg.keep_best),
-                                               async_save=bool(ckpt_cfg.async_save))
+    # ---- checkpoints: is there a run of this model to resume?
+    checkpoints = checkpointing.RunCheckpoints(workdir, keep_last=config.checkpoint.keep_last,
+                                               keep_best=config.checkpoint.keep_best,
+                                               async_save=config.checkpoint.async_save)
     latest = checkpoints.latest_step()
-    resumed_from, resumed_position = None, {}
     if latest is not None:
-        try:
-            saved_config = checkpoints.read_config(latest)
-        except Exception as err:  # a damaged or foreign config item
-            checkpoints.close()
-            raise checkpointing.CheckpointReadError(
-                f"{workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)}: cannot read the run "
-                f"config of this checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:200]}); move that "
-                "step folder away to resume from the previous one, or use a new --workdir") from err
-        diffs = _model_differences(saved_config.get("model", {}), config_dict["model"])
-        saved_lora = saved_config.get("lora") or {}
-        if saved_lora.get("rank") or config_dict["lora"]["rank"]:   # LoRA factors change the parameter tree
-            diffs += _model_differences(saved_lora, config_dict["lora"], "lora")
-        if diffs:
-            raise preflight.ConfigError(f"{workdir} holds checkpoints of another model; differences: "
-                                        f"{'; '.join(diffs)}. Use a new --workdir (or the same model config) to go on.")
+        check_same_model(checkpoints, latest, config_dict)
     start_step = 0 if latest is None else int(latest)   # a `last` checkpoint's number is its steps done
 
-    # ---- input (before the model: a data error costs no initialisation, and nothing is recorded for it)
-    data_seed = int(config.seed)
-    train_iter = input_pipeline.create_train_iterator(config.data, global_batch_size=global_batch_size,
-                                                      seed=data_seed, start_step=start_step,
-                                                      process_index=process_index, process_count=process_count)
-    eval_iter = input_pipeline.create_eval_iterator(config.data, process_index=process_index,
-                                                    process_count=process_count)
-    logging.info("data: %s (%d training clips, %d validation clips on this process)", train_iter.root,
-                 train_iter.num_samples, len(eval_iter))
-    # What the splits leave out (each exclusion was logged with its file and reason by the input pipeline).
-    data_counts = {"train": train_iter.exclusion_counts(), "val": eval_iter.exclusion_counts()}
-    logging.info("data exclusions: %s", data_counts)
+    # ---- input (before the parameters: a data error costs no initialisation, and nothing is recorded for it)
+    train_iter, eval_iter, data_counts = open_input(config, start_step)
     setup.spike_zero = train_iter.representation.no_spike_input(*train_iter.stats)   # the input for no spikes
 
+    # ---- parameters and train state: restored, or initialised on the host and placed shard by shard
+    resumed_from, resumed_position = None, {}
     if latest is not None:
-        last_dir = workdir / checkpointing.CHECKPOINT_DIR / checkpointing.LAST / str(latest)
-        try:
-            with _quiet_closed_loop_callbacks():
-                params, train_state, resumed_position, _ = checkpoints.restore_last(latest,
-                                                                                   *setup.abstract_targets())
-        except Exception as err:  # Orbax / tensorstore raise many types for a damaged or foreign folder
-            checkpoints.close()     # its background threads would otherwise print tracebacks at exit
-            raise checkpointing.CheckpointReadError(
-                f"{last_dir}: cannot restore this checkpoint ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:300]}); move that step folder away to resume from the previous one, "
-                "or use a new --workdir") from err
-        if int(jax.device_get(train_state["step"])) != start_step:
-            raise checkpointing.CheckpointReadError(
-                f"{last_dir}: holds step {int(jax.device_get(train_state['step']))}, not {start_step}")
-        if int(resumed_position.get("global_batch_size", global_batch_size)) != global_batch_size:
-            logging.warning("global_batch_size changed from %s to %d: the input order after the resume differs from an "
-                            "uninterrupted run", resumed_position.get("global_batch_size"), global_batch_size)
-        resumed_from = str(last_dir)
-        logging.info("resumed from %s (step %d)", resumed_from, start_step)
+        params, train_state, resumed_position, resumed_from = restore_run(checkpoints, start_step, setup,
+                                                                         config.global_batch_size)
     else:
-        params, train_state = setup.init_state(factory.initial_params(config), int(config.seed))
-
+        params, train_state = setup.init_state(factory.initial_params(config), config.seed)
     if is_main:
         record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
                                   extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape),
                                          "data": data_counts})
         logging.info("run record: %s", record)
 
-    data_position = functools.partial(_data_position, data_seed=data_seed, global_batch_size=global_batch_size,
-                                      train_iter=train_iter)
-
     # ---- the compiled train step
-    total_steps = int(config.total_steps)
     compiled_step, compile_seconds = None, 0.0
-    if start_step < total_steps:
+    if start_step < config.total_steps:
         spec = train_iter.element_spec
-        batch_shapes = {k: (global_batch_size,) + tuple(spec[k].shape[1:]) for k in setup.keys}
+        batch_shapes = {k: (config.global_batch_size,) + tuple(spec[k].shape[1:]) for k in setup.keys}
         compiled_step, compile_seconds, memory = setup.compile_step(params, train_state, batch_shapes)
         logging.info("train step compiled in %.1f s; memory per device: %s", compile_seconds, memory)
     else:
         logging.info("nothing to train: the checkpoint is at step %d and total_steps is %d", start_step,
-                     total_steps)
+                     config.total_steps)
 
-    # ---- writers
+    # ---- writers, validation, the step log
     writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not is_main,
                                                   asynchronous=True)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_dict).items()
                               if isinstance(v, (int, float, str, bool))})
     writer.write_scalars(start_step, {"compile/train_step_seconds": compile_seconds})
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                      every_steps=int(config.log_every_steps), every_secs=None)
-    validator = validation.Validator(config, workdir, eval_iter, writer, use_spike=use_spike, total_steps=total_steps,
-                                     is_main=is_main, process_count=process_count, data_counts=data_counts)
+    report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                                      every_steps=config.log_every_steps, every_secs=None)
+    validator = validation.Validator(config, workdir, eval_iter, writer, use_spike=setup.use_spike,
+                                     total_steps=config.total_steps, is_main=is_main, process_count=process_count,
+                                     data_counts=data_counts)
     previous = validation.read_metrics_jsons(workdir) if is_main else []
     last_validation: Optional[Dict[str, Any]] = previous[-1] if previous else None
+    step_log = StepLog(workdir, writer, config.nonfinite.max_consecutive, is_main=is_main,
+                       in_row=int(resumed_position.get("nonfinite_in_row", 0)),
+                       samples_of=functools.partial(_sample_metadata, train_iter,
+                                                    global_batch_size=config.global_batch_size),
+                       last_checkpoint=checkpoints.latest_step)
+    data_position = functools.partial(_data_position, data_seed=config.seed,
+                                      global_batch_size=config.global_batch_size, train_iter=train_iter)
 
     # ---- the loop
-    log_every = max(1, int(config.log_every_steps))
-    eval_every = int(config.eval.every_steps)
-    ckpt_every = int(ckpt_cfg.every_steps)
-    step_log = StepLog(workdir, writer, int(_get(config, "nonfinite.max_consecutive", 10)), is_main=is_main,
-                       in_row=int(resumed_position.get("nonfinite_in_row", 0)),
-                       samples_of=lambda step: _sample_metadata(train_iter, step, global_batch_size),
-                       last_checkpoint=checkpoints.latest_step)
+    log_every, eval_every, ckpt_every = (max(1, config.log_every_steps), config.eval.every_steps,
+                                         config.checkpoint.every_steps)
     pending: Optional[Tuple[int, Any]] = None   # (0-based step, device metrics) not yet read back
-
     try:
-        for step in range(start_step, total_steps):
+        for step in range(start_step, config.total_steps):
             steps_done = step + 1
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding.global_batch(next(train_iter), mesh, setup.keys)
@@ -703,7 +707,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 step_log.finish(*pending)
             pending = (step, device_metrics)
             report_progress(steps_done)
-            is_last = steps_done == total_steps
+            is_last = steps_done == config.total_steps
             preempted = checkpoints.reached_preemption(steps_done)
             due_log = steps_done % log_every == 0 or is_last
             due_eval = (eval_every > 0 and steps_done % eval_every == 0) or is_last
@@ -731,18 +735,11 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         writer.flush()
     checkpoints.close()
     writer.close()
-    summary = {
-        "step": int(jax.device_get(train_state["step"])),
-        "wall_seconds": time.perf_counter() - run_start,
-        "workdir": str(workdir),
-        "checkpoints": str(workdir / checkpointing.CHECKPOINT_DIR),
-        "tensorboard": str(workdir / "tensorboard"),
-        "triptychs": str(workdir / "triptychs"),
-        "metrics_dir": str(workdir / "metrics"),
-        "validation": last_validation,
-        "compile_seconds": compile_seconds,
-    }
-    return summary
+    return {"step": int(jax.device_get(train_state["step"])), "wall_seconds": time.perf_counter() - run_start,
+            "workdir": str(workdir), "checkpoints": str(workdir / checkpointing.CHECKPOINT_DIR),
+            "tensorboard": str(workdir / "tensorboard"), "triptychs": str(workdir / "triptychs"),
+            "metrics_dir": str(workdir / "metrics"), "validation": last_validation,
+            "compile_seconds": compile_seconds}
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

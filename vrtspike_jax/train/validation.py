@@ -212,17 +212,18 @@ class Validator:
 
     def __init__(self, config, workdir, eval_iter, writer, *, use_spike: bool, total_steps: int, is_main: bool = True,
                  process_count: int = 1, data_counts: Optional[Mapping[str, Any]] = None):
-        from vrtspike_jax.inference import TileSpec
+        from vrtspike_jax.train import run_config
 
+        config = run_config.read(config)
         ev = config.eval
         self.workdir, self.eval_iter, self.writer = Path(workdir), eval_iter, writer
         self.use_spike, self.total_steps, self.is_main = bool(use_spike), int(total_steps), bool(is_main)
         self.spike_scale = int(config.data.spike_scale)
-        self.tile = TileSpec.from_dict(dict(ev.tile))
-        self.quantize, self.crop_border, self.max_clips = bool(ev.quantize), int(ev.crop_border), int(ev.max_clips)
-        self.triptych_every, self.num_triptychs = int(ev.triptych_every_steps or 0), int(ev.num_triptychs)
-        self.lpips = (LPIPSScorer(os.path.expanduser(str(ev.lpips_weights)), str(ev.lpips_convention))
-                      if ev.get("lpips_weights") else None)
+        self.tile = ev.tile
+        self.quantize, self.crop_border, self.max_clips = ev.quantize, ev.crop_border, ev.max_clips
+        self.triptych_every, self.num_triptychs = ev.triptych_every_steps, ev.num_triptychs
+        self.lpips = (LPIPSScorer(os.path.expanduser(ev.lpips_weights), ev.lpips_convention)
+                      if ev.lpips_weights else None)
         self.extra = {"tile": self.tile.to_dict(), "quantize": self.quantize, "crop_border": self.crop_border,
                       "process_count": int(process_count), "data": dict(data_counts or {}),
                       "conventions": CONVENTIONS}
