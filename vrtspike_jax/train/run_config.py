@@ -16,6 +16,7 @@ section says what the model is, `init` where its first parameters come from.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -197,7 +198,7 @@ def _convert(path: str, hint, value):
         return tuple(_convert(f"{path}[]", args[0], v) for v in (value or ()))
     if value is None:
         raise ConfigError(f"{path} is None: expected a {hint.__name__}")
-    if hint is int and (isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or value != int(value)):
+    if hint is int and (isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or value != int(value)):
         raise ConfigError(f"{path}={value!r}: expected an integer")
     try:
         return hint(value)
