@@ -113,15 +113,6 @@ def _flops(compiled):
         return None
 
 
-def _memory_analysis(compiled):
-    try:
-        m = compiled.memory_analysis()
-        return dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
-                    generated_code=m.generated_code_size_in_bytes)
-    except Exception:
-        return None
-
-
 def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     """Lowers and compiles `jitted` on make_args(0), then times `call(compiled, *make_args(i))` (default: the
     compiled function itself) over warm-up + runs calls."""
@@ -141,7 +132,7 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     return dict(phase=name, compile_s=compile_s, first_call_s=first, times_s=times, median_s=median,
                 flops=flops, tflops_per_s=None if achieved is None else achieved / 1e12,
                 mfu=None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12),
-                xla_memory_bytes=_memory_analysis(compiled), peak_rss_compile_bytes=compile_rss,
+                xla_memory_bytes=runtime.compiled_memory(compiled), peak_rss_compile_bytes=compile_rss,
                 rss_before_run_bytes=rss_before_run, peak_rss_run_bytes=run_rss,
                 device_peak_bytes=_device_peak_bytes())
 
@@ -365,7 +356,7 @@ def main(argv=None):
         print(" | ".join([r["phase"], fmt(r["compile_s"], 1), fmt(r["median_s"], 3),
                           ",".join(f"{t:.2f}" for t in r["times_s"]),
                           fmt(None if r["flops"] is None else r["flops"] / 1e12, 3), fmt(r["tflops_per_s"], 3),
-                          "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", fmt(_gib(mem.get("temp"))),
+                          "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", fmt(_gib(mem.get("temp_bytes"))),
                           fmt(_gib(r["rss_before_run_bytes"])), fmt(_gib(r["peak_rss_run_bytes"])),
                           fmt(_gib(r["peak_rss_compile_bytes"])),
                           fmt(_gib(r["device_peak_bytes"]))]))

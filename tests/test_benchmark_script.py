@@ -34,7 +34,7 @@ def test_benchmark_reports_time_flops_and_memory(bench_script, tmp_path, capsys)
     assert report["parameters"]["trainable"] == report["parameters"]["total"] and report["model"]["remat"] == "none"
     (forward,) = report["results"]
     assert forward["phase"] == "forward" and len(forward["times_s"]) == 1 and forward["median_s"] > 0
-    assert forward["flops"] > 1e8 and forward["xla_memory_bytes"]["temp"] > 0
+    assert forward["flops"] > 1e8 and forward["xla_memory_bytes"]["temp_bytes"] > 0
     assert forward["peak_rss_run_bytes"] > 0 and forward["peak_rss_compile_bytes"] > 0
     assert "forward |" in capsys.readouterr().out
 

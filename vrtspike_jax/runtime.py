@@ -1,4 +1,9 @@
-"""Process-level XLA settings that the entry points (main.py, scripts/*.py, the tests' conftest) make first thing,
+"""Process-level XLA settings, and what XLA says of a compiled program.
+
+`compiled_memory(compiled)`: the memory XLA plans for a compiled program (the one reading of `memory_analysis()`:
+training logs it, the benchmark reports it, the restorer checks a window against free memory).
+
+XLA settings: the entry points (main.py, scripts/*.py, the tests' conftest) make first thing,
 before jax starts: `prefer_memory_scheduler_on_cpu()`. Importing `vrtspike_jax` does not; a library user who wants
 the same memory behaviour calls it before the first jax computation.
 
@@ -47,3 +52,22 @@ def prefer_memory_scheduler_on_cpu() -> bool:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
     return True
+
+
+MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
+
+
+def compiled_memory(compiled):
+    """XLA's memory analysis of a compiled program (`jax.jit(f).lower(...).compile()`), in bytes per device:
+    {"argument_bytes", "output_bytes", "temp_bytes" (the temporaries: activations kept for the backward pass,
+    workspace), "alias_bytes" (outputs written into donated arguments), "generated_code_bytes", "total_bytes"
+    (argument + output + temp)}; None when the backend gives no analysis."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    out = {f"{name}_bytes": int(getattr(stats, f"{name}_size_in_bytes", 0)) for name in MEMORY_FIELDS}
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+    return out

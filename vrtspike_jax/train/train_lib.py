@@ -771,17 +771,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _memory_summary(compiled) -> Dict[str, float]:
-    """Per-device memory of a compiled step from XLA's analysis (MiB), or {} when the backend gives none."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # backends without the analysis
-        return {}
-    if analysis is None:
-        return {}
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
-    return {f.replace("_size_in_bytes", "_mib"): round(getattr(analysis, f, 0) / 2 ** 20, 1) for f in fields
-            if hasattr(analysis, f)}
+    """runtime.compiled_memory in MiB (for the log), {} when the backend gives no analysis."""
+    from vrtspike_jax import runtime
+
+    memory = runtime.compiled_memory(compiled) or {}
+    return {k.replace("_bytes", "_mib"): round(v / 2 ** 20, 1) for k, v in memory.items()}
 
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "TrainSetup", "batch_keys", "build_train_setup", "enable_compilation_cache", "learning_rate_of", "make_loss",
