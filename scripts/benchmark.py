@@ -253,13 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    from vrtspike_jax import losses
-    from vrtspike_jax import factory
-    from vrtspike_jax.train import param_groups, preflight, sharding, train_lib
+def build(args):
+    """The benchmark's model and step for the flags, built as training builds them: (config, mesh, setup,
+    host_params, vgg_note). The setup is `train_lib.build_train_setup` of the typed config on the mesh of all local
+    devices; without `loss.vgg_weights` and a non-zero perceptual weight the VGG features get random values."""
+    from vrtspike_jax import factory, losses
+    from vrtspike_jax.train import preflight, sharding, train_lib
 
     try:
         config = configure(args)
@@ -267,99 +266,125 @@ def main(argv=None):
         sharding.check_batch_size(args.batch, mesh, jax.process_count())
     except (ValueError, preflight.ConfigError) as err:
         cli.exit_with_error(err)
-    spike_scale = int(config.data.spike_scale)
-    if args.height % spike_scale or args.width % spike_scale:
+    if args.height % config.data.spike_scale or args.width % config.data.spike_scale:
         cli.exit_with_error(f"--height {args.height} --width {args.width}: the config's data.spike_scale "
-                            f"{spike_scale} must divide both")
-    jax.config.update("jax_default_matmul_precision", args.precision)
-
-    device = jax.local_devices()[0]
-    kind = getattr(device, "device_kind", device.platform)
-    peak_tflops = args.peak_tflops
-    if peak_tflops is None:
-        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    vgg_note = None
-    vgg_params = None
-    if float(config.loss.perceptual_weight) != 0 and not config.loss.vgg_weights:
-        vgg_params = losses.vgg_params_from_state(losses.random_vgg_state(
-            str(config.loss.vgg_network), tuple(config.loss.vgg_layers)), str(config.loss.vgg_network),
-            tuple(config.loss.vgg_layers))
+                            f"{config.data.spike_scale} must divide both")
+    vgg_note, vgg_params, loss = None, None, config.loss
+    if loss.perceptual_weight != 0 and not loss.vgg_weights:
+        vgg_params = losses.vgg_params_from_state(losses.random_vgg_state(loss.vgg_network, loss.vgg_layers),
+                                                  loss.vgg_network, loss.vgg_layers)
         vgg_note = "VGG features with random values (no loss.vgg_weights): the same compute as the real weights"
     setup = train_lib.build_train_setup(config, mesh, vgg_params=vgg_params)
-    host_params = factory.initial_params(config)
-    settings = param_groups.group_settings(config)
-    counts = param_groups.trainable_count(host_params, settings)
+    return config, mesh, setup, factory.initial_params(config), vgg_note
+
+
+def batch_shapes(args, config, setup):
+    """{key: global shape} of the synthetic batch: blur and sharp [B, T, H, W, 3], spikes [B, T, H/f, W/f, K]."""
+    f = config.data.spike_scale
+    shapes = {"blur": (args.batch, args.frames, args.height, args.width, 3)}
+    shapes["sharp"] = shapes["blur"]
+    shapes["spike_vox"] = (args.batch, args.frames, args.height // f, args.width // f, config.data.num_bins)
+    return {k: shapes[k] for k in setup.keys}
+
+
+def synthetic_batches(shapes, mesh, keys, count: int = 2):
+    """`count` global batches of random values of `shapes` (images in [0, 1), normalised spikes ~ N(0, 1))."""
+    from vrtspike_jax.train import sharding
+
     rng = np.random.default_rng(0)
-    k = int(config.data.num_bins)
-    shape = (args.batch, args.frames, args.height, args.width, 3)
-    spike_shape = (args.batch, args.frames, args.height // spike_scale, args.width // spike_scale, k)
+    make = {"blur": lambda s: rng.random(s, np.float32), "sharp": lambda s: rng.random(s, np.float32),
+            "spike_vox": lambda s: rng.standard_normal(s).astype(np.float32)}
+    return [sharding.global_batch({k: make[k](shapes[k]) for k in keys}, mesh, keys) for _ in range(count)]
 
-    def host_batch():
-        batch = {"blur": rng.random(shape, np.float32), "sharp": rng.random(shape, np.float32)}
-        if setup.use_spike:
-            batch["spike_vox"] = rng.standard_normal(spike_shape).astype(np.float32)
-        return batch
 
-    batches = [sharding.global_batch(host_batch(), mesh, setup.keys) for _ in range(2)]
-    results = []
-    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+def forward_phase(args, setup, host_params, batches, peak_tflops):
+    """Times the model's inference call (no drop path) on the batches."""
+    from vrtspike_jax import factory
+    from vrtspike_jax.train import sharding
 
-    if "forward" in modes:
-        graphdef = setup.graphdef
-        params = sharding.put_global(host_params, setup.param_shardings)
+    graphdef, lora_spec = setup.graphdef, setup.lora_spec
+    params = sharding.put_global(host_params, setup.param_shardings)
 
-        @jax.jit
-        def forward(params, frames, spikes):
-            return factory.build(graphdef, params, setup.lora_spec)(frames, spikes)
+    @jax.jit
+    def forward(params, frames, spikes):
+        return factory.build(graphdef, params, lora_spec)(frames, spikes)
 
-        def forward_args(i):
-            b = batches[i % 2]
-            return params, b["blur"], b.get("spike_vox")
+    def forward_args(i):
+        b = batches[i % 2]
+        return params, b["blur"], b.get("spike_vox")
 
-        results.append(run_phase("forward", forward, forward_args, args, peak_tflops))
-        del params
+    return run_phase("forward", forward, forward_args, args, peak_tflops)
 
-    if "train" in modes:
-        params, train_state = setup.init_state(host_params, int(config.seed))
-        state = {"params": params, "train_state": train_state}
 
-        def make_args(i):
-            return state["params"], state["train_state"], batches[i % 2], setup.vgg_params
+def train_phase(args, config, setup, host_params, batches, peak_tflops):
+    """Compiles and times `setup.jit_step()`, the step train_and_evaluate compiles, with donated state."""
+    params, train_state = setup.init_state(host_params, config.seed)
+    state = {"params": params, "train_state": train_state}
 
-        def call(compiled, p, t, batch, vgg):
-            state["params"], state["train_state"], metrics = compiled(p, t, batch, vgg)
-            return metrics["loss"]
+    def make_args(i):
+        return state["params"], state["train_state"], batches[i % 2], setup.vgg_params
 
-        results.append(run_phase("train", setup.jit_step(), make_args, args, peak_tflops, call=call))
+    def call(compiled, p, t, batch, vgg):
+        state["params"], state["train_state"], metrics = compiled(p, t, batch, vgg)
+        return metrics["loss"]
 
-    header = dict(config=args.config, sets=list(args.set), parameters=counts, input=list(shape),
-                  spike_input=list(spike_shape) if setup.use_spike else None,
-                  dtype=str(setup.model_mapping.get("dtype") or "float32"),
-                  model={knob: config.model[knob] for knob in MODEL_KNOBS if knob != "dtype"},
-                  loss=dict(perceptual_weight=float(config.loss.perceptual_weight), vgg=vgg_note or
-                            config.loss.vgg_weights), grad_clip_norm=float(config.optimizer.grad_clip_norm),
-                  precision=args.precision, runs=args.runs, warmup=args.warmup, device=kind,
-                  platform=device.platform, device_count=jax.device_count(), jax=jax.__version__,
-                  python=platform.python_version(), host=platform.node(), cpu_count=os.cpu_count(),
-                  xla_flags=os.environ.get("XLA_FLAGS", ""), date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(f"config {args.config} {' '.join('--set ' + s for s in args.set)} ({counts['total']:,} parameters, "
-          f"{counts['trainable']:,} trained), input {shape}, {header['dtype']}, remat {config.model.remat}, on "
-          f"{kind} x{jax.device_count()} (jax {jax.__version__})")
-    if vgg_note:
-        print(f"note: {vgg_note}")
+    return run_phase("train", setup.jit_step(), make_args, args, peak_tflops, call=call)
+
+
+def print_table(results) -> None:
     cols = ["phase", "compile s", "median s", "runs s", "TFLOP/step", "TFLOP/s", "MFU", "XLA temp GiB",
             "RSS before run GiB", "peak RSS run GiB", "peak RSS compile GiB", "device peak GiB"]
     print(" | ".join(cols))
+    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in results:
         mem = r["xla_memory_bytes"] or {}
-        fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         print(" | ".join([r["phase"], fmt(r["compile_s"], 1), fmt(r["median_s"], 3),
                           ",".join(f"{t:.2f}" for t in r["times_s"]),
                           fmt(None if r["flops"] is None else r["flops"] / 1e12, 3), fmt(r["tflops_per_s"], 3),
                           "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", fmt(_gib(mem.get("temp_bytes"))),
                           fmt(_gib(r["rss_before_run_bytes"])), fmt(_gib(r["peak_rss_run_bytes"])),
-                          fmt(_gib(r["peak_rss_compile_bytes"])),
-                          fmt(_gib(r["device_peak_bytes"]))]))
+                          fmt(_gib(r["peak_rss_compile_bytes"])), fmt(_gib(r["device_peak_bytes"]))]))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    from vrtspike_jax.train import param_groups
+
+    jax.config.update("jax_default_matmul_precision", args.precision)
+    config, mesh, setup, host_params, vgg_note = build(args)
+    device = jax.local_devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None:
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    counts = param_groups.trainable_count(host_params, param_groups.group_settings(config))
+    shapes = batch_shapes(args, config, setup)
+    batches = synthetic_batches(shapes, mesh, setup.keys)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    results = []
+    if "forward" in modes:
+        results.append(forward_phase(args, setup, host_params, batches, peak_tflops))
+    if "train" in modes:
+        results.append(train_phase(args, config, setup, host_params, batches, peak_tflops))
+
+    header = dict(config=args.config, sets=list(args.set), parameters=counts, input=list(shapes["blur"]),
+                  spike_input=list(shapes["spike_vox"]) if setup.use_spike else None,
+                  dtype=str(setup.model_mapping.get("dtype") or "float32"),
+                  model={knob: config.model[knob] for knob in MODEL_KNOBS if knob != "dtype"},
+                  loss=dict(perceptual_weight=config.loss.perceptual_weight, vgg=vgg_note or config.loss.vgg_weights),
+                  grad_clip_norm=config.optimizer.grad_clip_norm, precision=args.precision, runs=args.runs,
+                  warmup=args.warmup, device=kind, platform=device.platform, device_count=jax.device_count(),
+                  jax=jax.__version__, python=platform.python_version(), host=platform.node(),
+                  cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(f"config {args.config} {' '.join('--set ' + s for s in args.set)} ({counts['total']:,} parameters, "
+          f"{counts['trainable']:,} trained), input {tuple(shapes['blur'])}, {header['dtype']}, remat "
+          f"{config.model.remat}, on {kind} x{jax.device_count()} (jax {jax.__version__})")
+    if vgg_note:
+        print(f"note: {vgg_note}")
+    print_table(results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2, default=str))

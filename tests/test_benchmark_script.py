@@ -98,3 +98,28 @@ def test_the_train_phase_is_the_training_step(bench_script, tmp_path, monkeypatc
     assert report["parameters"]["trainable"] == report["parameters"]["total"] - report["parameters"]["backbone"]
     (train,) = report["results"]
     assert train["phase"] == "train" and train["median_s"] > 0 and np.isfinite(train["flops"])
+
+
+def test_the_benchmark_lowers_the_program_training_compiles(bench_script):
+    """The benchmark's train step and the one train_and_evaluate compiles (build_train_setup of the run config on the
+    mesh, lowered on its global batch shapes) are the same program: their StableHLO text is identical (loss,
+    clipping, the non-finite guard, a frozen group's gradient gate, shardings)."""
+    from configs import baseline
+    from vrtspike_jax.train import run_config, sharding, train_lib
+
+    sets = ["--set", "optimizer.groups.backbone.frozen_steps=-1", "--set", "init.zero_output_conv=False"]
+    args = bench_script.build_parser().parse_args(TINY + sets)
+    _, mesh, bench_setup, _, _ = bench_script.build(args)
+    shapes = bench_script.batch_shapes(args, bench_setup.config, bench_setup)
+
+    config = baseline.get_config("tiny")                 # what main.py --config=configs/baseline.py:tiny reads
+    config.global_batch_size, config.data.clip_length = 1, 2
+    config.optimizer.groups.backbone.frozen_steps, config.init.zero_output_conv = -1, False
+    train_setup = train_lib.build_train_setup(run_config.read(config), sharding.make_mesh(config.mesh))
+
+    def lowered_text(setup):
+        batch = {k: jax.ShapeDtypeStruct(shapes[k], jax.numpy.float32, sharding=setup.batch_shardings[k])
+                 for k in setup.keys}
+        return setup.jit_step().lower(*setup.abstract_targets(), batch, setup.vgg_params).as_text()
+
+    assert lowered_text(bench_setup) == lowered_text(train_setup)
