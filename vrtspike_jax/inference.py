@@ -30,14 +30,20 @@ Memory: the model sees one tile at a time; the clip is read one temporal chunk a
 inputs may be lazy readers, see `restore_video`), and `iter_restored_frames` hands out every frame as soon as all
 chunks containing it are done, keeping accumulators only for the frames of the current chunk. The model's input is
 never materialised for the whole clip.
+
+`load_model` gives the model to restore with: official VRT weights (built by the model factory, the weights loaded
+into it) or a training checkpoint. The restorer around these (folders, spike input, outputs, report) is
+`vrtspike_jax.restore`.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -304,6 +310,79 @@ def _block_until_ready(value) -> None:
         wait()
 
 
+def _plan_for_clip(frames_shape, spikes_shape, tile: TileSpec, spike_scale: int,
+                   plan: Optional[TilePlan]) -> TilePlan:
+    """The plan of a clip (checked against the clip when given)."""
+    check_clip(frames_shape, spikes_shape, spike_scale)
+    num_frames, height, width, _ = frames_shape
+    if plan is None:
+        return plan_tiles(num_frames, height, width, tile, spike_scale)
+    if (plan.time.size, plan.height.size, plan.width.size, plan.spike_scale) != (num_frames, height, width,
+                                                                                int(spike_scale)):
+        raise ValueError(f"the plan is for a {plan.time.size}x{plan.height.size}x{plan.width.size} clip with "
+                         f"spike_scale={plan.spike_scale}, not for frames {frames_shape}")
+    return plan
+
+
+class _FrameBlender:
+    """Accumulates the weighted window outputs of a plan into output frames and hands each frame out, normalised,
+    once every chunk containing it is done. Holds accumulators only for the frames of the current chunks."""
+
+    def __init__(self, plan: TilePlan):
+        self.plan = plan
+        self.num_frames, self.height, self.width = plan.time.size, plan.height.size, plan.width.size
+        self.scale: Optional[int] = None       # s, set by the first output
+        self.acc: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+        self.hits = np.zeros(self.num_frames, np.int32)   # chunks accumulated into each frame (temporal weight)
+        self.emitted = 0
+
+    def _set_scale(self, out_shape, in_shape) -> None:
+        th, tw = in_shape[1], in_shape[2]
+        oh, ow = out_shape[2], out_shape[3]
+        if out_shape[0] != 1 or out_shape[1] != in_shape[0] or oh % th or ow % tw or oh // th != ow // tw:
+            raise ValueError(f"apply_fn returned shape {tuple(out_shape)} for an input window of shape "
+                             f"(1, {in_shape[0]}, {th}, {tw}, C): expected (1, {in_shape[0]}, {th}*s, {tw}*s, C_out)")
+        s = self.scale = oh // th
+        h_axis, w_axis = self.plan.height, self.plan.width
+        self.masks_h = [h_axis.mask(i, s) for i in range(h_axis.count)]
+        self.masks_w = [w_axis.mask(i, s) for i in range(w_axis.count)]
+        self.norm_hw = np.outer(h_axis.coverage(s), w_axis.coverage(s))[..., None]
+        self.channels = out_shape[4]
+
+    def add(self, out, t0: int, hi: int, wi: int, in_shape) -> None:
+        """Adds one window's output (weighted) into the frame accumulators."""
+        out = np.asarray(out)
+        if self.scale is None:
+            self._set_scale(out.shape, in_shape)
+        elif out.shape[1:4] != (in_shape[0], in_shape[1] * self.scale, in_shape[2] * self.scale):
+            raise ValueError(f"apply_fn returned shape {out.shape} for an input window {in_shape}")
+        s = self.scale
+        out = out[0].astype(np.float32, copy=False)
+        y0, x0 = self.plan.height.starts[hi] * s, self.plan.width.starts[wi] * s
+        weight = self.masks_h[hi][:, None, None] * self.masks_w[wi][None, :, None]
+        ye = min(y0 + out.shape[1], self.height * s)
+        xe = min(x0 + out.shape[2], self.width * s)
+        weighted = out[:, :ye - y0, :xe - x0] * weight[:ye - y0, :xe - x0]
+        for i in range(min(out.shape[0], self.num_frames - t0)):
+            t = t0 + i
+            if t not in self.acc:
+                self.acc[t] = np.zeros((self.height * s, self.width * s, self.channels), np.float32)
+            self.acc[t][y0:ye, x0:xe] += weighted[i]
+
+    def finish_chunk(self, ci: int) -> list:
+        """Marks chunk `ci` complete; returns the frames now final, [(t, frame)] in order."""
+        t_axis = self.plan.time
+        t0 = t_axis.starts[ci]
+        self.hits[t0:t0 + t_axis.window] += 1
+        done_upto = t_axis.starts[ci + 1] if ci + 1 < t_axis.count else self.num_frames
+        ready = []
+        while self.emitted < done_upto:
+            frame = self.acc.pop(self.emitted)
+            ready.append((self.emitted, frame / (self.norm_hw * np.float32(self.hits[self.emitted]))))
+            self.emitted += 1
+        return ready
+
+
 def iter_restored_frames(apply_fn: ApplyFnType, frames, spike_voxels=None, *, tile: TileSpec, spike_scale: int = 1,
                          progress: Optional[Callable[[int], Any]] = None,
                          plan: Optional[TilePlan] = None) -> Iterator[Tuple[int, np.ndarray]]:
@@ -315,78 +394,21 @@ def iter_restored_frames(apply_fn: ApplyFnType, frames, spike_voxels=None, *, ti
     previous one overlap the computation.
     `plan` may be given if already computed with `plan_tiles` (it must match the clip).
     """
-    frames_shape = _shape_of(frames)
-    spikes_shape = None if spike_voxels is None else _shape_of(spike_voxels)
-    check_clip(frames_shape, spikes_shape, spike_scale)
-    num_frames, height, width, _ = frames_shape
-    if plan is None:
-        plan = plan_tiles(num_frames, height, width, tile, spike_scale)
-    elif (plan.time.size, plan.height.size, plan.width.size, plan.spike_scale) != (num_frames, height, width,
-                                                                                  int(spike_scale)):
-        raise ValueError(f"the plan is for a {plan.time.size}x{plan.height.size}x{plan.width.size} clip with "
-                         f"spike_scale={plan.spike_scale}, not for frames {frames_shape}")
-    f = plan.spike_scale
+    num_frames = _shape_of(frames)[0]
+    plan = _plan_for_clip(_shape_of(frames), None if spike_voxels is None else _shape_of(spike_voxels), tile,
+                          spike_scale, plan)
     t_axis, h_axis, w_axis = plan.time, plan.height, plan.width
-
-    state: Dict[str, Any] = {"scale": None, "masks_h": None, "masks_w": None, "norm_hw": None}
-    acc: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
-    hits = np.zeros(num_frames, np.int32)   # chunks accumulated into each frame (the temporal weight)
-    emitted = 0
-
-    def setup_scale(out_shape, in_shape):
-        th, tw = in_shape[1], in_shape[2]
-        oh, ow = out_shape[2], out_shape[3]
-        if out_shape[0] != 1 or out_shape[1] != in_shape[0] or oh % th or ow % tw or oh // th != ow // tw:
-            raise ValueError(f"apply_fn returned shape {tuple(out_shape)} for an input window of shape "
-                             f"(1, {in_shape[0]}, {th}, {tw}, C): expected (1, {in_shape[0]}, {th}*s, {tw}*s, C_out)")
-        s = oh // th
-        state["scale"] = s
-        state["masks_h"] = [h_axis.mask(i, s) for i in range(h_axis.count)]
-        state["masks_w"] = [w_axis.mask(i, s) for i in range(w_axis.count)]
-        norm = np.outer(h_axis.coverage(s), w_axis.coverage(s))
-        state["norm_hw"] = norm[..., None]
-        state["channels"] = out_shape[4]
-
-    def blend(out, t0, hi, wi, in_shape):
-        """Adds one window's output (weighted) into the frame accumulators."""
-        out = np.asarray(out)
-        if state["scale"] is None:
-            setup_scale(out.shape, in_shape)
-        elif out.shape[1:4] != (in_shape[0], in_shape[1] * state["scale"], in_shape[2] * state["scale"]):
-            raise ValueError(f"apply_fn returned shape {out.shape} for an input window {in_shape}")
-        s = state["scale"]
-        out = out[0].astype(np.float32, copy=False)
-        y0, x0 = h_axis.starts[hi] * s, w_axis.starts[wi] * s
-        weight = state["masks_h"][hi][:, None, None] * state["masks_w"][wi][None, :, None]
-        ye = min(y0 + out.shape[1], height * s)
-        xe = min(x0 + out.shape[2], width * s)
-        weighted = out[:, :ye - y0, :xe - x0] * weight[:ye - y0, :xe - x0]
-        for i in range(min(out.shape[0], num_frames - t0)):
-            t = t0 + i
-            if t not in acc:
-                acc[t] = np.zeros((height * s, width * s, state["channels"]), np.float32)
-            acc[t][y0:ye, x0:xe] += weighted[i]
-
-    pending = None  # (output, chunk index, row index, col index, input shape)
+    blender = _FrameBlender(plan)
+    last = (h_axis.count - 1, w_axis.count - 1)
 
     def finish(item):
-        nonlocal emitted
         out, ci, hi, wi, in_shape = item
-        t0 = t_axis.starts[ci]
-        blend(out, t0, hi, wi, in_shape)
+        blender.add(out, t_axis.starts[ci], hi, wi, in_shape)
         if progress is not None:
             progress(1)
-        if hi == h_axis.count - 1 and wi == w_axis.count - 1:  # the chunk is complete
-            hits[t0:t0 + t_axis.window] += 1
-            done_upto = t_axis.starts[ci + 1] if ci + 1 < t_axis.count else num_frames
-            ready = []
-            while emitted < done_upto:
-                frame = acc.pop(emitted)
-                ready.append((emitted, frame / (state["norm_hw"] * np.float32(hits[emitted]))))
-                emitted += 1
-            return ready
-        return []
+        return blender.finish_chunk(ci) if (hi, wi) == last else []
 
+    pending = None  # (output, chunk index, row index, col index, input shape)
     for ci, t0 in enumerate(t_axis.starts):
         t1 = min(t0 + t_axis.window, num_frames)
         frame_chunk = frames[t0:t1]
@@ -394,7 +416,8 @@ def iter_restored_frames(apply_fn: ApplyFnType, frames, spike_voxels=None, *, ti
         for hi, y0 in enumerate(h_axis.starts):
             for wi, x0 in enumerate(w_axis.starts):
                 frames_in = read_window(frame_chunk, plan, y0, x0)
-                spikes_in = None if spike_chunk is None else read_window(spike_chunk, plan, y0, x0, f)
+                spikes_in = None if spike_chunk is None else read_window(spike_chunk, plan, y0, x0,
+                                                                         plan.spike_scale)
                 if pending is not None:  # one window in flight at a time: its memory is the bound
                     _block_until_ready(pending[0])
                 out = apply_fn(frames_in[None], None if spikes_in is None else spikes_in[None])
@@ -615,6 +638,134 @@ def make_apply_fn(model) -> ApplyFn:
     return ApplyFn(model)
 
 
-__all__ = ["EXECUTION_OPTIONS", "ApplyFn", "AxisTiling", "TilePlan", "TileSpec", "check_clip", "iter_restored_frames",
-           "make_apply_fn", "model_spike_spec", "model_upscale", "model_uses_spikes", "plan_tiles", "read_window",
-           "restore_video", "with_execution_options"]
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a model to restore with (scripts/test.py's --checkpoint)
+
+OFFICIAL_SUFFIXES = (".npz", ".pth", ".pt")
+
+
+class InputError(ValueError):
+    """Bad input or flags of a restoration, found before any compute: the message names the file (or flag), the
+    expected and the found value (scripts/test.py prints it as one line)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """The model to run and what it needs."""
+
+    model: Any
+    kind: str                 # "official_vrt" or "training_checkpoint"
+    description: Dict[str, Any]
+    config: Any = None        # the training config, when there is one
+
+
+def load_model(checkpoint, *, which: str = "best", step: Optional[int] = None, vrt_preset: Optional[str] = None,
+               official_config=None) -> LoadedModel:
+    """The model of `checkpoint`: official VRT weights (`.npz` of state_dict names, or `.pth` with torch), or a
+    training checkpoint (a workdir, its checkpoints/ folder, a manager or step folder, or what
+    scripts/convert_vrt_checkpoint.py writes; `which` / `step` pick the step).
+
+    Official weights need their architecture: `vrt_preset` (a name of vrtspike_jax.models.vrt.PRESETS), or
+    `official_config` (the official VRT(...) keyword arguments: a mapping, JSON text or a .json file), or a
+    `config_json` entry in the .npz. The model is built by the model factory (a VRTWithSpike with use_spike=False,
+    the plain VRT) and the weights are loaded into it, as training's `init.vrt_from` does.
+    Raises InputError (one line naming the file or flag and the value) for what the caller can fix.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint not found")
+    if path.is_file() and path.suffix.lower() in OFFICIAL_SUFFIXES:
+        return _load_official(path, vrt_preset, official_config)
+    if vrt_preset or official_config:
+        raise InputError(f"{path}: --vrt_preset/--official_config apply to official weights (.npz/.pth files); a "
+                         "training checkpoint carries its own configuration")
+    return _load_training_checkpoint(path, which, step)
+
+
+def _read_json_arg(value, flag: str) -> Dict[str, Any]:
+    """A JSON object given as a mapping, as text or as a .json file."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    text = str(value)
+    path = Path(text)
+    try:
+        if text.strip().startswith("{"):
+            return json.loads(text)
+        if path.is_file():
+            return json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{flag}: not valid JSON ({err})") from None
+    raise InputError(f"{flag}: expected a JSON object or a .json file, found {text!r} (no such file)")
+
+
+def _official_section(path: Path, vrt_preset: Optional[str], official_config) -> Tuple[Dict[str, Any], str]:
+    """The `model` section of the plain VRT official weights `path` are for, and where its architecture came from."""
+    from vrtspike_jax.models.vrt.config import PRESETS, config_from_official_kwargs
+
+    if vrt_preset and official_config:
+        raise InputError("give either --vrt_preset or --official_config for official weights, not both")
+    if vrt_preset:
+        if vrt_preset not in PRESETS:
+            raise InputError(f"--vrt_preset {vrt_preset!r}: unknown; known: {', '.join(sorted(PRESETS))}")
+        return {"vrt_preset": vrt_preset, "vrt_overrides": {}, "use_spike": False}, f"preset {vrt_preset}"
+    kwargs, source = None, None
+    if official_config:
+        kwargs, source = _read_json_arg(official_config, "--official_config"), "--official_config"
+    elif path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "config_json" in archive.files:
+                kwargs, source = json.loads(str(archive["config_json"])), f"{path.name}:config_json"
+    if kwargs is None:
+        raise InputError(f"{path}: official VRT weights need the architecture: give --vrt_preset (e.g. "
+                         "deblur for the GoPro/DVD/REDS deblurring models) or --official_config JSON")
+    try:
+        architecture = config_from_official_kwargs(**kwargs).official_kwargs()
+    except TypeError as err:
+        raise InputError(f"{source}: {err}") from None
+    return {"vrt_preset": "deblur", "vrt_overrides": architecture, "use_spike": False}, source
+
+
+def _load_official(path: Path, vrt_preset: Optional[str], official_config) -> LoadedModel:
+    from vrtspike_jax import factory
+    from vrtspike_jax.convert import load_official_weights_into
+    from vrtspike_jax.models import build_model
+
+    section, source = _official_section(path, vrt_preset, official_config)
+    model = build_model(factory.model_config(section), rngs=nnx.Rngs(0))
+    load_official_weights_into(model, path)
+    description = {"checkpoint": str(path), "kind": "official_vrt", "architecture_from": source,
+                   "config": model.config.vrt.official_kwargs()}
+    return LoadedModel(model, "official_vrt", description)
+
+
+def _load_training_checkpoint(path: Path, which: str, step: Optional[int]) -> LoadedModel:
+    try:
+        from vrtspike_jax.train.checkpointing import load_model_from_checkpoint
+    except ImportError as err:
+        raise InputError(f"{path}: reading a training checkpoint needs vrtspike_jax.train.checkpointing."
+                         f"load_model_from_checkpoint, which this installation lacks ({err})") from None
+    # Orbax wants absolute paths (a relative one fails deep inside tensorstore).
+    model, config = load_model_from_checkpoint(str(path.resolve()), step=step, which=which)
+    from vrtspike_jax.train.train_lib import enable_compilation_cache
+
+    enable_compilation_cache(config)   # the run's persistent XLA cache: a second restoration skips compiling
+    model_config = getattr(model, "config", None)
+    description = {"checkpoint": str(path), "kind": "training_checkpoint", "which": which, "step": step,
+                   "config": _jsonable(dataclasses.asdict(model_config)) if dataclasses.is_dataclass(model_config)
+                   else repr(model_config)}
+    return LoadedModel(model, "training_checkpoint", description, config)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+__all__ = ["EXECUTION_OPTIONS", "ApplyFn", "AxisTiling", "InputError", "LoadedModel", "TilePlan", "TileSpec",
+           "check_clip", "iter_restored_frames", "load_model", "make_apply_fn", "model_spike_spec", "model_upscale",
+           "model_uses_spikes", "plan_tiles", "read_window", "restore_video", "with_execution_options"]
