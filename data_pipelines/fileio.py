@@ -1,8 +1,8 @@
-"""Atomic file writes and an inter-process lock.
+"""Atomic file (and folder) writes and an inter-process lock.
 
 A crash (or a kill) never leaves a half-written file under its final name: everything is written to a
 temporary file in the same folder and moved into place with `os.replace`, which is atomic on POSIX and
-Windows for paths on one file system.
+Windows for paths on one file system. `atomic_folder` does the same for a folder of outputs (scripts/test.py).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,46 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yields an empty staging folder beside `path` (`.NAME.partial-PID`); on normal exit it becomes `path` (an
+    existing `path` is swapped out only then, and removed), on error it is removed and `path` is untouched.
+
+    Staging folders that a killed process (SIGKILL) left for `path` are removed first; a live process's are left.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(path)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _remove_stale_staging(path: Path) -> None:
+    for entry in path.parent.glob(f".{path.name}.partial-*"):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # alive (or not ours): leave it
+            pass
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

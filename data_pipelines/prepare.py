@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -154,6 +155,31 @@ def _cache_usable(task: FrameTask, hs: int, ws: int) -> Tuple[bool, str]:
     return True, ""
 
 
+def exposure_frames(t0: float, t1: float, spike_t0: float, num_frames: int) -> Tuple[int, int]:
+    """The frames [start, stop) of a spike file (`num_frames` frames from tick `spike_t0`) that can lie inside the
+    exposure window [t0, t1], with one spare on each side; every representation drops the others."""
+    start = min(max(0, int(math.floor(t0 - spike_t0)) - 1), num_frames)
+    stop = max(min(num_frames, int(math.ceil(t1 - spike_t0)) + 2), start)
+    return start, stop
+
+
+def exposure_input(spike_path, t0: float, t1: float, spike_t0: float, height: int, width: int,
+                   representation: spike_input.Representation) -> np.ndarray:
+    """One exposure's spike input as its cache holds it, `[K, height, width]`: int32 spike counts for voxels
+    (voxelize.count_spikes), else the representation's float16 values (spike_input.Representation.cached).
+
+    The one exposure -> spike input function: prepare_data's caches and scripts/test.py's --input_spike use it.
+    Only the frames of `exposure_frames` are read. DataError for an unreadable file or a window the
+    representation cannot take (e.g. a raw window longer than the exposure)."""
+    with spike_dat.SpikeDatReader(spike_path, height, width) as reader:
+        start, stop = exposure_frames(t0, t1, spike_t0, len(reader))
+        spikes = reader.read(start, stop)
+    times = spike_t0 + np.arange(start, stop, dtype=np.float64)
+    if representation.is_voxel:
+        return voxelize.count_spikes(spikes, times, t0, t1, representation.num_bins)
+    return representation.cached(spikes, times, t0, t1, where=spike_path)
+
+
 def process_frame(task: FrameTask) -> FrameResult:
     """Validates one frame and (unless check_only) writes its voxel cache.
 
@@ -201,8 +227,8 @@ def process_frame(task: FrameTask) -> FrameResult:
                 elif task.vox_exists:
                     note = f"{task.vox}: rebuilt ({'--overwrite' if usable else why})"
                 if counts is None:
-                    spikes = spike_dat.read_dat(task.spike, hs, ws)
-                    counts = voxelize.count_spikes(spikes, row.frame_times(n), task.t0, task.t1, task.num_bins)
+                    counts = exposure_input(task.spike, task.t0, task.t1, task.spike_t0, hs, ws,
+                                            spike_input.Representation("voxel", task.num_bins))
                     if counts.max(initial=0) > np.iinfo(task.voxel_dtype).max:
                         raise DataError(task.spike, f"a bin holds {counts.max()} spikes, more than "
                                                     f"{task.voxel_dtype} can store", "bad_voxels")
@@ -603,9 +629,8 @@ class RepresentationResult:
 def process_representation(task: RepresentationTask) -> RepresentationResult:
     """Computes and writes one frame's cache; bad data (a DataError) is the result's problem."""
     try:
-        spikes = spike_dat.read_dat(task.spike, task.height, task.width)
-        times = task.spike_t0 + np.arange(spikes.shape[0], dtype=np.float64)
-        values = task.representation.cached(spikes, times, task.t0, task.t1, where=task.spike)
+        values = exposure_input(task.spike, task.t0, task.t1, task.spike_t0, task.height, task.width,
+                                task.representation)
     except DataError as err:
         return RepresentationResult(task.key, False, problem=err)
     atomic_save_npy(task.out, values)
