@@ -606,6 +606,23 @@ def open_input(config: run_config.RunConfig, start_step: int):
     return train_iter, eval_iter, data_counts
 
 
+def open_writers(workdir: Path, config_dict: Mapping[str, Any], start_step: int, compile_seconds: float, *,
+                 is_main: bool):
+    """(CLU metric writer of WORKDIR/tensorboard (logging only on processes other than 0), ReportProgress: steps/s and
+    ETA every log step); the hyper-parameters at a run's first start, and the train step's compile time."""
+    from clu import metric_writers, periodic_actions
+
+    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not is_main,
+                                                  asynchronous=True)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config_dict).items()
+                              if isinstance(v, (int, float, str, bool))})
+    writer.write_scalars(start_step, {"compile/train_step_seconds": compile_seconds})
+    report_progress = periodic_actions.ReportProgress(num_train_steps=config_dict["total_steps"], writer=writer,
+                                                      every_steps=config_dict["log_every_steps"], every_secs=None)
+    return writer, report_progress
+
+
 def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """Trains `config.total_steps` steps (resuming from WORKDIR's last checkpoint if there is one), validating every
     `eval.every_steps`; returns a summary {"step", "workdir", "checkpoints", "tensorboard", "triptychs",
@@ -613,8 +630,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
 
     Every process of a multi-process run calls this with the same config and workdir (a shared filesystem).
     """
-    from clu import metric_writers, periodic_actions
-
     run_start = time.perf_counter()
     config = preflight.preflight(config)   # the typed config; bad keys, absent files, unprepared data: one line
     maybe_initialize_distributed(config)
@@ -672,14 +687,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                      config.total_steps)
 
     # ---- writers, validation, the step log
-    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not is_main,
-                                                  asynchronous=True)
-    if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config_dict).items()
-                              if isinstance(v, (int, float, str, bool))})
-    writer.write_scalars(start_step, {"compile/train_step_seconds": compile_seconds})
-    report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                                      every_steps=config.log_every_steps, every_secs=None)
+    writer, report_progress = open_writers(workdir, config_dict, start_step, compile_seconds, is_main=is_main)
     validator = validation.Validator(config, workdir, eval_iter, writer, use_spike=setup.use_spike,
                                      total_steps=config.total_steps, is_main=is_main, process_count=process_count,
                                      data_counts=data_counts)
