@@ -18,6 +18,7 @@ from PIL import Image
 from data_pipelines import layout, spike_dat, voxelize
 from vrtspike_jax import metrics
 from vrtspike_jax.inference import TileSpec, make_apply_fn, restore_video
+from vrtspike_jax.train.validation import METRIC_NAMES
 
 from test_inference import TINY_MODEL, build_tiny_model, make_clip
 
@@ -164,9 +165,13 @@ def test_metrics_json_has_timing_memory_tiles_and_kair_metrics(dat_run, dataset)
     for row in per_frame:
         png = read_png(out / row["name"])
         gt = read_png(dataset / "val/clip/sharp" / row["name"])
-        assert row["psnr_rgb"] == pytest.approx(metrics.psnr(png, gt), abs=1e-9)
+        assert row["psnr"] == pytest.approx(metrics.psnr(png, gt), abs=1e-9)
         assert row["ssim_y"] == pytest.approx(metrics.ssim(png, gt, y_channel=True), abs=1e-9)
-    for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y", "input_psnr_rgb"):
+        blur = read_png(dataset / "val/clip/blur" / row["name"])
+        assert row["input_ssim"] == pytest.approx(metrics.ssim(blur, gt), abs=1e-9)
+        # one key schema with training's validation: its metrics, and input_* of the blurry frames
+        assert set(row) == {"name", *METRIC_NAMES, *(f"input_{k}" for k in METRIC_NAMES)}
+    for key in ("psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "input_psnr_y", "input_ssim", "input_ssim_y"):
         assert report["metrics"]["average"][key] == pytest.approx(np.mean([row[key] for row in per_frame]))
 
 
@@ -346,7 +351,21 @@ def test_spike_model_without_spikes(script, dataset, checkpoint, tmp_path, capsy
 def test_missing_voxel_statistics(script, dataset, checkpoint, tmp_path, capsys, no_compute):
     root = copy_clip(dataset, tmp_path)
     (root / "voxel_stats.json").unlink()
-    expect_refusal(script, capsys, spike_args(root, checkpoint, tmp_path / "out"), "--voxel_stats")
+    expect_refusal(script, capsys, spike_args(root, checkpoint, tmp_path / "out"), "--spike_stats", "--voxel_stats")
+
+
+def test_spike_stats_flag_keeps_its_older_name(script, dataset, checkpoint, tmp_path):
+    args = [str(a) for a in spike_args(dataset, checkpoint, tmp_path / "out")]
+    for flag in ("--spike_stats", "--voxel_stats"):
+        assert script.parse_args(args + [flag, "stats.json"]).spike_stats == "stats.json"
+
+
+def test_official_weights_of_another_architecture(script, official_clip, fixture_file, tmp_path, capsys, no_compute):
+    folder, _, kwargs = official_clip
+    other = json.dumps({**kwargs, "mlp_ratio": 4.0})   # every MLP of the weights has another shape
+    expect_refusal(script, capsys, ["--checkpoint", fixture_file("vrt_small_seed0.npz"), "--official_config", other,
+                                    "--input_blur", folder, "--output", tmp_path / "out"],
+                   "vrt_small_seed0.npz: cannot load into VRT", "more problem(s)")   # the list, shortened
 
 
 def test_tiles_that_do_not_fit_the_spikes(script, dataset, checkpoint, tmp_path, capsys, no_compute):
@@ -419,7 +438,7 @@ def test_overwrite_replaces_the_old_output_after_success(script, dataset, checkp
 
 def test_a_window_that_does_not_fit_in_memory_is_refused_before_compute(script, dataset, checkpoint, tmp_path,
                                                                        capsys, monkeypatch):
-    monkeypatch.setattr(script, "_available_memory", lambda: (2 ** 20, "available RAM"))
+    monkeypatch.setattr(script.restore, "available_memory", lambda: (2 ** 20, "available RAM"))
     monkeypatch.setattr(script, "run", lambda *a, **k: pytest.fail("computed although the window cannot fit"))
     out = tmp_path / "out"
     assert run_script(script, *spike_args(dataset, checkpoint, out)) == 2
@@ -450,13 +469,13 @@ def test_frames_equal_to_their_ground_truth_are_reported_as_infinite_psnr(script
     assert run_script(script, *spike_args(dataset, checkpoint, tmp_path / "again"), "--gt", gt) == 0
     report = json.loads((tmp_path / "again" / "metrics.json").read_text())
     rows = report["metrics"]["per_frame"]
-    assert rows[0]["psnr_rgb"] is None and {"psnr_rgb", "psnr_y"} <= set(rows[0]["infinite"])
+    assert rows[0]["psnr"] is None and {"psnr", "psnr_y"} <= set(rows[0]["infinite"])
     assert all("infinite" not in row for row in rows[1:])
     average = report["metrics"]["average"]
-    assert average["psnr_rgb_infinite_frames"] == [f"{NAMES[0]}.png"]
-    assert average["psnr_rgb"] == pytest.approx(np.mean([r["psnr_rgb"] for r in rows[1:]]))
+    assert average["psnr_infinite_frames"] == [f"{NAMES[0]}.png"]
+    assert average["psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows[1:]]))
     notes = [line for line in capsys.readouterr().err.splitlines() if "infinite PSNR" in line]
-    assert any(line.startswith("note: psnr_rgb: 1 frame(s)") and "the other 2" in line for line in notes), notes
+    assert any(line.startswith("note: psnr: 1 frame(s)") and "the other 2" in line for line in notes), notes
 
 
 def test_a_gap_in_the_frame_numbers_is_a_warning(script, dataset, checkpoint, tmp_path):
@@ -464,6 +483,6 @@ def test_a_gap_in_the_frame_numbers_is_a_warning(script, dataset, checkpoint, tm
     for folder, suffix in (("blur", ".png"), ("spike_vox", ".npy")):
         (root / "val/clip" / folder / f"000002{suffix}").rename(root / "val/clip" / folder / f"000004{suffix}")
     args = script.parse_args([str(a) for a in spike_args(root, checkpoint, tmp_path / "out", "vox")])
-    prep = script.prepare(args)
+    prep = script.restore.prepare(args)
     assert len(prep.warnings) == 1 and "000001 -> 000004" in prep.warnings[0], prep.warnings
     assert not (tmp_path / "out").exists()

@@ -111,14 +111,14 @@ def test_restorer_defaults_reproduce_the_training_validation(reference_run, shar
     assert report["tile"]["temporal"] == 2 and report["tile"]["temporal_overlap"] == 0
     assert report["trained_clip_length"] == 2 and report["warnings"] == []
     assert validation["num_frames"] == len(report["metrics"]["per_frame"]) == 4
-    assert report["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
-    assert report["metrics"]["average"]["psnr_y"] == pytest.approx(validation["psnr_y"], abs=1e-3)
+    for key in ("psnr", "psnr_y", "ssim", "ssim_y", "input_psnr", "input_psnr_y", "input_ssim", "input_ssim_y"):
+        assert report["metrics"]["average"][key] == pytest.approx(validation[key], abs=1e-3), key   # one schema
     assert "the clip length T=2 this checkpoint was trained with" in capsys.readouterr().err
     # an explicit --tile (e.g. smaller spatial tiles for memory) keeps the chunks side by side, as validation
     assert script.main(inputs + ["--output", str(tmp_path / "explicit"), "--tile", "2", "128"]) == 0
     explicit = json.loads((tmp_path / "explicit" / "metrics.json").read_text())
     assert explicit["tile"]["temporal_overlap"] == 0
-    assert explicit["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
+    assert explicit["metrics"]["average"]["psnr"] == pytest.approx(validation["psnr"], abs=1e-3)
     assert script.main(inputs + ["--output", str(tmp_path / "long"), "--tile", "4", "256"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "longer than the 2-frame clips this model was trained with" in warnings[0]
@@ -317,7 +317,7 @@ def test_a_tfp_run_and_its_restorer_follow_the_representation(shared, tmp_path, 
     assert script.main(inputs + ["--input_spike", str(seq / "spike"), "--output", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["input"]["spikes"]["spike_representation"] == "tfp_k4_h8"
-    assert report["metrics"]["average"]["psnr_rgb"] == pytest.approx(validation["psnr"], abs=1e-3)
+    assert report["metrics"]["average"]["psnr"] == pytest.approx(validation["psnr"], abs=1e-3)
     # voxel counts are not what this run was trained on
     assert script.main(inputs + ["--input_spike_vox", str(seq / "spike_vox"), "--output", str(tmp_path / "v")]) == 2
     assert "trained on the tfp representation" in capsys.readouterr().err
