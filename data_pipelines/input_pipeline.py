@@ -33,14 +33,20 @@ global batch, so the processes' shards partition each global batch exactly, and 
 with numpy or TensorFlow versions.
 
 TensorFlow is imported only inside `create_train_iterator` (with GPUs hidden from it); evaluation and
-everything else need only numpy and Pillow.
+everything else need only numpy and Pillow. The two loaders (tf.data for training, `load_clip` for evaluation)
+differ only in how they read and crop; both end with `finish_sample`, so they give the same arrays bit for bit.
+
+Every function reads the data section's fields directly: give it `default_data_config()` or a config derived
+from it (training's is, and preflight.check_known_keys refuses keys it does not have).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -90,8 +96,8 @@ def default_data_config():
         0 (default) never. Validation always sees the recorded spikes.
       train_split, eval_split: split folders ("val" selects checkpoints; "test" is for reporting only and
         must not be the eval_split of a run whose test number is reported; see docs/DATA.md section 5).
-      num_parallel_calls: parallel sample loads in tf.data (-1 = AUTOTUNE).
-      prefetch: batches prefetched (-1 = AUTOTUNE).
+      num_parallel_calls: parallel sample loads in tf.data (-1 or None = AUTOTUNE).
+      prefetch: batches prefetched (-1 or None = AUTOTUNE, 0 = none).
       eval_pad_to_equal: with several processes, pad every process to the same number of eval clips
         (padding clips have eval_mask all False).
     """
@@ -123,14 +129,6 @@ def default_data_config():
     return config
 
 
-def _get(config, name, default=None):
-    try:
-        value = config[name]
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None and default is not None else value
-
-
 def ensure_embedded_dataset(data_config=None, log=print) -> Path:
     """Builds (on first use) and prepares the embedded synthetic dataset; returns its prepared root.
 
@@ -141,14 +139,11 @@ def ensure_embedded_dataset(data_config=None, log=print) -> Path:
     from data_pipelines import synthetic
 
     data_config = data_config if data_config is not None else default_data_config()
-    fields = {f.name for f in dataclasses.fields(synthetic.SyntheticSpec)}
-    embedded = _get(data_config, "embedded", None)
-    values = {k: embedded[k] for k in (embedded.keys() if embedded is not None else []) if k in fields}
-    spec = synthetic.SyntheticSpec(**values)
-    spec_scale = int(_get(data_config, "spike_scale", 1))
+    spec = synthetic.SyntheticSpec(**dict(data_config.embedded))
+    spec_scale = int(data_config.spike_scale)
     if spec.spike_scale != spec_scale:
         spec = dataclasses.replace(spec, spike_scale=spec_scale)
-    parent = os.path.expanduser(str(_get(data_config, "embedded_dir", DEFAULT_CACHE_DIR)))
+    parent = os.path.expanduser(str(data_config.embedded_dir))
     representation = spike_input.Representation.from_config(data_config)
     root = synthetic.ensure_dataset(parent, spec, num_bins=representation.num_bins, log=log)
     prepare.ensure_representation(root, representation)
@@ -157,7 +152,7 @@ def ensure_embedded_dataset(data_config=None, log=print) -> Path:
 
 def resolve_root(data_config) -> Path:
     """The prepared root of a config: `root`, or the embedded dataset when root is None."""
-    root = _get(data_config, "root", None)
+    root = data_config.root
     if root in (None, ""):
         return ensure_embedded_dataset(data_config)
     return Path(os.path.expanduser(str(root)))
@@ -426,7 +421,63 @@ class SamplePlanner:
         return clip, int(y), int(x), bool(self.hflip and (u >> 42) & 1), bool(self.vflip and (u >> 43) & 1)
 
 
-# ------------------------------------------------------------------------------------ numpy loading
+# --------------------------------------------------------------------------- one sample, for both loaders
+#
+# A sample is made in two stages. Reading (file I/O, PNG decode, the crop, spikes to channels-last) differs
+# between the loaders: tf.data reads in its parallel map (create_train_iterator), load_clip with Pillow and numpy.
+# Both crop with crop_rgb / crop_spikes and hand the cropped uint8 frames and stored spike values to
+# finish_sample, the one definition of everything after reading: the flips, the spike representation's
+# normalisation (spike_input.Representation.normalize), the dtypes and the sample's metadata. tf.data calls it
+# through tf.numpy_function in its map, so the two loaders give the same arrays bit for bit.
+
+
+def crop_rgb(frame, y, x, height, width):
+    """Rows [y, y + height) and columns [x, x + width) of an RGB frame [H, W, 3] (numpy array or tf.Tensor)."""
+    return frame[y:y + height, x:x + width]
+
+
+def crop_spikes(values, y, x, height, width, spike_scale: int):
+    """The same crop (in RGB pixels, multiples of f = spike_scale) of a spike cache [K, H/f, W/f] (numpy array or
+    tf.Tensor)."""
+    f = spike_scale
+    return values[:, y // f:(y + height) // f, x // f:(x + width) // f]
+
+
+def _flipped(frames: np.ndarray, hflip, vflip) -> np.ndarray:
+    """frames [T, H, W, C] reversed along W (hflip) and H (vflip): a view."""
+    if hflip:
+        frames = frames[:, :, ::-1]
+    if vflip:
+        frames = frames[:, ::-1]
+    return frames
+
+
+def _unit(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames as float32 in [0, 1], contiguous."""
+    out = np.ascontiguousarray(frames, np.float32)
+    out /= 255.0
+    return out
+
+
+def finish_sample(index: SplitIndex, clip, blur, sharp, values, hflip, vflip, mean: float,
+                  std: float) -> Dict[str, np.ndarray]:
+    """The sample of `clip` (the unbatched dict of the module docstring) from its cropped frames.
+
+    blur, sharp: uint8 [T, h, w, 3]; values: the cropped spike caches, channels-last [T, h/f, w/f, K], as stored
+    (voxel counts, float16 rates); hflip, vflip: flip every frame and its spikes left-right / upside down. The
+    spike input is `index.representation.normalize(values, mean, std)`.
+    """
+    rows = index.clip_rows(int(clip))
+    spikes = np.ascontiguousarray(_flipped(np.asarray(values), hflip, vflip))
+    return {
+        "blur": _unit(_flipped(np.asarray(blur, np.uint8), hflip, vflip)),
+        "sharp": _unit(_flipped(np.asarray(sharp, np.uint8), hflip, vflip)),
+        "spike_vox": np.ascontiguousarray(index.representation.normalize(spikes, mean, std), np.float32),
+        "sample_id": np.int32(clip),
+        "frame_idx": index.row_frame_idx[rows].astype(np.int32),
+        "t0": index.row_t0[rows].astype(np.float32),
+        "t1": index.row_t1[rows].astype(np.float32),
+    }
 
 
 def load_clip(index: SplitIndex, clip: int, mean: float, std: float, y: int = 0, x: int = 0,
@@ -434,33 +485,17 @@ def load_clip(index: SplitIndex, clip: int, mean: float, std: float, y: int = 0,
     """Loads one clip with numpy/Pillow (no TensorFlow): the unbatched sample dict (see module docstring)."""
     f = index.spike_scale
     rows = index.clip_rows(clip)
-    blurs, sharps, voxes = [], [], []
-    for row in rows:
-        seq_h, seq_w = index.seq_hw[index.row_seq[row]]
-        c_h, c_w = (crop_size, crop_size) if crop_size else (seq_h, seq_w)
-        blur = layout.load_png(index.blur_paths[row])[y:y + c_h, x:x + c_w]
-        sharp = layout.load_png(index.sharp_paths[row])[y:y + c_h, x:x + c_w]
+    seq_h, seq_w = (int(v) for v in index.seq_hw[index.row_seq[rows[0]]])
+    c_h, c_w = (crop_size, crop_size) if crop_size else (seq_h, seq_w)
+
+    def spikes(row):      # channels-last [h/f, w/f, K]
         values = index.representation.load(index.vox_paths[row], seq_h // f, seq_w // f)
-        values = values[:, y // f:(y + c_h) // f, x // f:(x + c_w) // f]
-        blurs.append(blur)
-        sharps.append(sharp)
-        voxes.append(np.transpose(index.representation.normalize(values, mean, std), (1, 2, 0)))
-    out = {
-        "blur": np.stack(blurs).astype(np.float32) / 255.0,
-        "sharp": np.stack(sharps).astype(np.float32) / 255.0,
-        "spike_vox": np.stack(voxes).astype(np.float32),
-    }
-    for key in ("blur", "sharp", "spike_vox"):
-        if hflip:
-            out[key] = out[key][:, :, ::-1]
-        if vflip:
-            out[key] = out[key][:, ::-1]
-        out[key] = np.ascontiguousarray(out[key])
-    out["sample_id"] = np.int32(clip)
-    out["frame_idx"] = index.row_frame_idx[rows].astype(np.int32)
-    out["t0"] = index.row_t0[rows].astype(np.float32)
-    out["t1"] = index.row_t1[rows].astype(np.float32)
-    return out
+        return np.transpose(crop_spikes(values, y, x, c_h, c_w, f), (1, 2, 0))
+
+    blur = np.stack([crop_rgb(layout.load_png(index.blur_paths[row]), y, x, c_h, c_w) for row in rows])
+    sharp = np.stack([crop_rgb(layout.load_png(index.sharp_paths[row]), y, x, c_h, c_w) for row in rows])
+    values = np.stack([spikes(row) for row in rows])
+    return finish_sample(index, clip, blur, sharp, values, hflip, vflip, mean, std)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -478,7 +513,7 @@ def _process_info(process_index, process_count) -> Tuple[int, int]:
 
 
 def _stats(data_config, root: Path, representation: spike_input.Representation) -> Tuple[float, float]:
-    stats_file = _get(data_config, "stats_file", None)
+    stats_file = data_config.stats_file
     path = Path(os.path.expanduser(str(stats_file))) if stats_file else root / representation.stats_name
     return representation.load_stats(path)
 
@@ -513,6 +548,21 @@ def _hide_gpus_from_tf(tf) -> None:
         pass
 
 
+_OPEN_TRAIN_ITERATORS: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_train_iterators() -> None:
+    """Closes the train iterators still open when the interpreter exits, while Python can still run their threads.
+
+    tf.data's threads run Python (the plan and finish_sample, tf.numpy_function); an iterator left for the
+    interpreter's final clean-up waits there for a sample whose thread can no longer run Python: a hang at exit.
+    atexit functions run before that clean-up.
+    """
+    for iterator in list(_OPEN_TRAIN_ITERATORS):
+        iterator.close()
+
+
 class TrainIterator:
     """Infinite iterator of per-process training batches (numpy dicts); see the module docstring.
 
@@ -526,6 +576,7 @@ class TrainIterator:
                  start_step: int, stats: Tuple[float, float], planner: SamplePlanner):
         self._dataset = dataset
         self._iterator = iter(dataset.as_numpy_iterator())
+        _OPEN_TRAIN_ITERATORS.add(self)
         self.index = index
         self.root = index.root
         self.global_batch_size = global_batch_size
@@ -539,9 +590,15 @@ class TrainIterator:
         return self
 
     def __next__(self) -> Dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
         batch = next(self._iterator)
         self.step += 1
         return batch
+
+    def close(self) -> None:
+        """Stops the tf.data pipeline (the samples in flight finish first); the iterator is then exhausted."""
+        self._iterator = None
 
     @property
     def num_samples(self) -> int:
@@ -563,12 +620,81 @@ class TrainIterator:
         return self._dataset.element_spec
 
 
+def _tf_read_clip(tf, index: SplitIndex, crop: Optional[int]):
+    """A TF function (clip, y, x) -> (blur, sharp, values): the clip's frames read, decoded and cropped in the
+    tf.data map (uint8 [T, h, w, 3] twice and the stored spike values, channels-last [T, h/f, w/f, K]), for
+    finish_sample."""
+    t, k, f = index.clip_length, index.num_bins, index.spike_scale
+    blur_table, sharp_table = tf.constant(index.blur_paths), tf.constant(index.sharp_paths)
+    vox_table, offset_table = tf.constant(index.vox_paths), tf.constant(index.row_vox_offset)
+    start_table, row_seq, seq_hw = tf.constant(index.clip_start), tf.constant(index.row_seq), tf.constant(index.seq_hw)
+    vox_dtype = tf.as_dtype(index.voxel_dtype)
+    itemsize = np.dtype(index.voxel_dtype).itemsize
+
+    def read(path_table, row):
+        return tf.io.read_file(tf.gather(path_table, row))
+
+    def read_clip(clip, y, x):
+        rows = tf.gather(start_table, clip) + tf.range(t, dtype=tf.int64)
+        hw = tf.gather(seq_hw, tf.gather(row_seq, rows[0]))
+        ch, cw = (crop, crop) if crop else (hw[0], hw[1])
+        blurs, sharps, spikes = [], [], []
+        for i in range(t):
+            row = rows[i]
+            blurs.append(crop_rgb(tf.io.decode_png(read(blur_table, row), channels=3), y, x, ch, cw))
+            sharps.append(crop_rgb(tf.io.decode_png(read(sharp_table, row), channels=3), y, x, ch, cw))
+            raw = tf.io.decode_raw(read(vox_table, row), vox_dtype, little_endian=True)
+            values = tf.reshape(raw[tf.gather(offset_table, row) // itemsize:], (k, hw[0] // f, hw[1] // f))
+            spikes.append(tf.transpose(crop_spikes(values, y, x, ch, cw, f), (1, 2, 0)))
+        return tf.stack(blurs), tf.stack(sharps), tf.stack(spikes)
+
+    return read_clip
+
+
+def _tf_load_fn(tf, index: SplitIndex, planner: SamplePlanner, crop: Optional[int], stats: Tuple[float, float],
+                local: int, global_batch_size: int, p_index: int):
+    """The tf.data map: this process's local sample position -> the sample (finish_sample's dict, static shapes).
+
+    The plan (SamplePlanner) and finish_sample run as tf.numpy_function in tf.data's threads; reading runs in TF.
+    """
+    t, k, f = index.clip_length, index.num_bins, index.spike_scale
+    read_clip = _tf_read_clip(tf, index, crop)
+    hh, ww = (crop, crop) if crop else (int(v) for v in index.seq_hw[0])
+    shapes = {"blur": (t, hh, ww, 3), "sharp": (t, hh, ww, 3), "spike_vox": (t, hh // f, ww // f, k),
+              "sample_id": (), "frame_idx": (t,), "t0": (t,), "t1": (t,)}
+    dtypes = {"blur": tf.float32, "sharp": tf.float32, "spike_vox": tf.float32, "sample_id": tf.int32,
+              "frame_idx": tf.int32, "t0": tf.float32, "t1": tf.float32}
+
+    def plan_fn(local_position):
+        step, j = divmod(int(local_position), local)
+        clip, y, x, hf, vf = planner.plan(step * global_batch_size + p_index * local + j)
+        return np.int64(clip), np.int64(y), np.int64(x), np.bool_(hf), np.bool_(vf)
+
+    def finish_fn(clip, blur, sharp, values, hf, vf):
+        sample = finish_sample(index, clip, blur, sharp, values, hf, vf, *stats)
+        return [sample[key] for key in shapes]
+
+    def load_fn(local_position):
+        clip, y, x, hf, vf = tf.numpy_function(plan_fn, [local_position],
+                                               [tf.int64, tf.int64, tf.int64, tf.bool, tf.bool], stateful=False)
+        blur, sharp, values = read_clip(clip, y, x)
+        arrays = tf.numpy_function(finish_fn, [clip, blur, sharp, values, hf, vf], list(dtypes.values()),
+                                   stateful=False)
+        out = {}
+        for key, value in zip(shapes, arrays):
+            value.set_shape(shapes[key])
+            out[key] = value
+        return out
+
+    return load_fn
+
+
 def create_train_iterator(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
                           process_index: Optional[int] = None, process_count: Optional[int] = None) -> TrainIterator:
     """Infinite iterator of this process's training batches (see the module docstring for keys and shapes).
 
     Args:
-      data_config: `default_data_config()` or a config derived from it.
+      data_config: `default_data_config()` or a config derived from it (every key present).
       global_batch_size: samples per step over all processes (a multiple of process_count).
       seed: the data seed; the batch at step s is a pure function of (seed, s, process shard).
       start_step: first step to produce (resume).
@@ -579,92 +705,22 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
         raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of process_count {p_count}")
     local = global_batch_size // p_count
     root = resolve_root(data_config)
-    t = int(data_config.clip_length)
     representation = spike_input.Representation.from_config(data_config)
-    k = representation.num_bins
-    f = int(data_config.spike_scale)
-    crop = _get(data_config, "crop_size", None)
-    crop = int(crop) if crop else None
-    index = build_index(root, _get(data_config, "train_split", "train"), t, k, f, representation=representation)
+    crop = int(data_config.crop_size) if data_config.crop_size else None
+    index = build_index(root, data_config.train_split, int(data_config.clip_length), representation.num_bins,
+                        int(data_config.spike_scale), representation=representation)
     _check_crop(index, crop)
-    mean, std = _stats(data_config, root, representation)
-    planner = SamplePlanner(index, seed, crop, bool(_get(data_config, "hflip", True)),
-                            bool(_get(data_config, "vflip", False)))
+    stats = _stats(data_config, root, representation)
+    planner = SamplePlanner(index, seed, crop, bool(data_config.hflip), bool(data_config.vflip))
 
     import tensorflow as tf
     _hide_gpus_from_tf(tf)
 
-    first_local = int(start_step) * local
-
-    def plan_fn(local_position):
-        local_position = int(local_position)
-        step, j = divmod(local_position, local)
-        position = step * global_batch_size + p_index * local + j
-        clip, y, x, hf, vf = planner.plan(position)
-        return np.int64(clip), np.int64(y), np.int64(x), np.bool_(hf), np.bool_(vf)
-
-    blur_table = tf.constant(index.blur_paths)
-    sharp_table = tf.constant(index.sharp_paths)
-    vox_table = tf.constant(index.vox_paths)
-    offset_table = tf.constant(index.row_vox_offset)
-    start_table = tf.constant(index.clip_start)
-    row_seq = tf.constant(index.row_seq)
-    seq_hw = tf.constant(index.seq_hw)
-    frame_table = tf.constant(index.row_frame_idx.astype(np.int32))
-    t0_table = tf.constant(index.row_t0.astype(np.float32))
-    t1_table = tf.constant(index.row_t1.astype(np.float32))
-    vox_dtype = tf.as_dtype(index.voxel_dtype)
-    itemsize = np.dtype(index.voxel_dtype).itemsize
-    mean32, std32 = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
-    static_hw = None
-    if crop is None:
-        static_hw = tuple(int(v) for v in index.seq_hw[0])
-
-    def load_fn(local_position):
-        clip, y, x, hf, vf = tf.numpy_function(plan_fn, [local_position],
-                                               [tf.int64, tf.int64, tf.int64, tf.bool, tf.bool], stateful=False)
-        rows = tf.gather(start_table, clip) + tf.range(t, dtype=tf.int64)
-        hw = tf.gather(seq_hw, tf.gather(row_seq, rows[0]))
-        ch, cw = (crop, crop) if crop else (hw[0], hw[1])
-        blurs, sharps, voxes = [], [], []
-        for i in range(t):
-            row = rows[i]
-            blur = tf.io.decode_png(tf.io.read_file(tf.gather(blur_table, row)), channels=3)
-            sharp = tf.io.decode_png(tf.io.read_file(tf.gather(sharp_table, row)), channels=3)
-            blurs.append(blur[y:y + ch, x:x + cw])
-            sharps.append(sharp[y:y + ch, x:x + cw])
-            raw = tf.io.decode_raw(tf.io.read_file(tf.gather(vox_table, row)), vox_dtype, little_endian=True)
-            counts = tf.reshape(raw[tf.gather(offset_table, row) // itemsize:], (k, hw[0] // f, hw[1] // f))
-            counts = counts[:, y // f:(y + ch) // f, x // f:(x + cw) // f]
-            values = tf.cast(tf.transpose(counts, (1, 2, 0)), tf.float32)
-            values = tf.math.log1p(values) if representation.is_voxel else values
-            vox = (values - mean32) / std32
-            voxes.append(vox)
-        out = {
-            "blur": tf.cast(tf.stack(blurs), tf.float32) / 255.0,
-            "sharp": tf.cast(tf.stack(sharps), tf.float32) / 255.0,
-            "spike_vox": tf.stack(voxes),
-        }
-        for key in ("blur", "sharp", "spike_vox"):
-            value = out[key]
-            value = tf.cond(hf, lambda v=value: tf.reverse(v, [2]), lambda v=value: v)
-            value = tf.cond(vf, lambda v=value: tf.reverse(v, [1]), lambda v=value: v)
-            hh, ww = (crop, crop) if crop else static_hw
-            channels = k if key == "spike_vox" else 3
-            div = f if key == "spike_vox" else 1
-            value.set_shape((t, hh // div, ww // div, channels))
-            out[key] = value
-        out["sample_id"] = tf.cast(clip, tf.int32)
-        out["frame_idx"] = tf.gather(frame_table, rows)
-        out["t0"] = tf.gather(t0_table, rows)
-        out["t1"] = tf.gather(t1_table, rows)
-        return out
-
-    parallel = _get(data_config, "num_parallel_calls", -1)
+    load_fn = _tf_load_fn(tf, index, planner, crop, stats, local, global_batch_size, p_index)
+    parallel, prefetch = data_config.num_parallel_calls, data_config.prefetch
     parallel = tf.data.AUTOTUNE if parallel is None or int(parallel) < 0 else max(1, int(parallel))
-    prefetch = _get(data_config, "prefetch", 2)
     prefetch = tf.data.AUTOTUNE if prefetch is None or int(prefetch) < 0 else int(prefetch)
-    ds = tf.data.Dataset.range(first_local, np.iinfo(np.int64).max)
+    ds = tf.data.Dataset.range(int(start_step) * local, np.iinfo(np.int64).max)
     ds = ds.map(load_fn, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     if prefetch:
@@ -674,7 +730,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
     options.experimental_optimization.map_parallelization = True
     ds = ds.with_options(options)
     return TrainIterator(ds, index, global_batch_size=global_batch_size, local_batch_size=local,
-                         start_step=int(start_step), stats=(mean, std), planner=planner)
+                         start_step=int(start_step), stats=stats, planner=planner)
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -729,7 +785,7 @@ def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
     root = resolve_root(data_config)
     representation = spike_input.Representation.from_config(data_config)
     t, k, f = int(data_config.clip_length), representation.num_bins, int(data_config.spike_scale)
-    index = build_index(root, _get(data_config, "eval_split", "val"), t, k, f, for_eval=True,
+    index = build_index(root, data_config.eval_split, t, k, f, for_eval=True,
                         representation=representation)
     if index.num_clips == 0:
         detail = f" (runs shorter than T: {'; '.join(index.skipped[:3])})" if index.skipped else ""
@@ -738,7 +794,7 @@ def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
     stats = _stats(data_config, root, representation)
     mine = list(range(p_index, index.num_clips, p_count))
     padding = 0
-    if p_count > 1 and bool(_get(data_config, "eval_pad_to_equal", True)):
+    if p_count > 1 and bool(data_config.eval_pad_to_equal):
         per_process = -(-index.num_clips // p_count)
         padding = per_process - len(mine)
     return EvalIterator(index, mine, padding, stats)
@@ -747,6 +803,6 @@ def create_eval_iterator(data_config, *, process_index: Optional[int] = None,
 def train_sample_names(data_config) -> List[str]:
     """Names of the training clips by sample_id (for logging bad samples)."""
     root = resolve_root(data_config)
-    index = build_index(root, _get(data_config, "train_split", "train"), int(data_config.clip_length),
+    index = build_index(root, data_config.train_split, int(data_config.clip_length),
                         int(data_config.num_bins), int(data_config.spike_scale))
     return [index.clip_name(i) for i in range(index.num_clips)]

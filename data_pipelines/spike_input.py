@@ -137,10 +137,19 @@ class Representation:
             raise DataError(path, f"unreadable .npy ({type(err).__name__}: {err})", "bad_voxels") from None
 
     def normalize(self, values, mean: float, std: float) -> np.ndarray:
-        """The network's input, float32: voxel `(log1p(counts) - mean) / std`, else `(values - mean) / std`."""
+        """The network's input, a new float32 array of the shape of `values` (the stored values: voxel counts,
+        float16 rates): voxel `(log1p(counts) - mean) / std`, else `(values - mean) / std`, in float32.
+
+        Both loaders of data_pipelines/input_pipeline.py call this (through its finish_sample). The same float32
+        operations as voxelize.normalize, in place: one new array instead of four (a training sample's spikes
+        are 42 MB at a 256 x 256 crop, T = 5, K = 32).
+        """
+        out = np.array(values, dtype=np.float32)
         if self.is_voxel:
-            return voxelize.normalize(values, mean, std)
-        return ((np.asarray(values, np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+            np.log1p(out, out=out)
+        out -= np.float32(mean)
+        out /= np.float32(std)
+        return out
 
     def no_spike_input(self, mean: float, std: float) -> float:
         """The network's input for an exposure without any spike: the normalised representation of an empty

@@ -160,6 +160,18 @@ def test_tensorflow_loading_equals_numpy_loading(roots, scale):
                                       full["spike_vox"][:, y // scale:(y + 16) // scale, x // scale:(x + 16) // scale])
 
 
+def test_open_train_iterators_are_closed_at_exit(roots):
+    # tf.data's threads run Python (the plan, finish_sample): an iterator left open for the interpreter's final
+    # clean-up could wait there forever, so an atexit function closes every open one first.
+    it = ip.create_train_iterator(_config(roots[1]), global_batch_size=2, seed=0, process_index=0, process_count=1)
+    next(it)
+    assert it in ip._OPEN_TRAIN_ITERATORS
+    ip._close_train_iterators()
+    with pytest.raises(StopIteration):
+        next(it)
+    assert it.step == 1
+
+
 def test_eval_clips_cover_every_frame_once(roots):
     assert [(s, m.tolist()) for s, m in ip.eval_clips(12, 5)] == [
         (0, [True] * 5), (5, [True] * 5), (7, [False, False, False, True, True])]

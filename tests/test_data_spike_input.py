@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import input_pipeline as ip
-from data_pipelines import layout, prepare, spike_dat, spike_input, spike_repr
+from data_pipelines import layout, prepare, spike_dat, spike_input, spike_repr, voxelize
 from data_pipelines.errors import DataError
 from helpers import make_tiny_root
 
@@ -98,6 +98,71 @@ def test_both_loaders_feed_the_representation_normalised_with_train_statistics(r
     want = _cached(expected["val"][(batch["seq"], int(batch["frame_idx"][0, 0]))])
     np.testing.assert_allclose(batch["spike_vox"][0, 0], (np.transpose(want, (1, 2, 0)) - saved["mean"]) / saved["std"],
                                atol=2e-6)
+
+
+KEYS = ("blur", "sharp", "spike_vox", "sample_id", "frame_idx", "t0", "t1")
+ALL_FLIPS = {(False, False), (False, True), (True, False), (True, True)}
+
+
+def _assert_loaders_agree(it, steps, crop):
+    """Every sample of the train iterator's first `steps` batches is load_clip's for the same plan, bit for bit
+    (same dtypes); returns the (hflip, vflip) pairs seen."""
+    flips = set()
+    for step in range(steps):
+        batch = next(it)
+        for j in range(it.local_batch_size):
+            clip, y, x, hf, vf = it.planner.plan(step * it.global_batch_size + j)
+            flips.add((hf, vf))
+            ref = ip.load_clip(it.index, clip, *it.stats, y=y, x=x, crop_size=crop, hflip=hf, vflip=vf)
+            for key in KEYS:
+                assert batch[key][j].dtype == ref[key].dtype, key
+                np.testing.assert_array_equal(batch[key][j], ref[key], err_msg=f"step {step} sample {j} {key}")
+    return flips
+
+
+@pytest.mark.parametrize("kind", ("voxel",) + KINDS)
+@pytest.mark.parametrize("crop", [16, None])
+def test_both_loaders_give_the_same_bits_with_flips(root, kind, crop):
+    # tf.data reads and crops, then calls input_pipeline.finish_sample (tf.numpy_function); load_clip calls it too.
+    cfg = _config(root, kind, crop_size=crop, hflip=True, vflip=True, num_parallel_calls=2)
+    it = ip.create_train_iterator(cfg, global_batch_size=4, seed=3, process_index=0, process_count=1)
+    assert _assert_loaders_agree(it, steps=3, crop=crop) == ALL_FLIPS
+    assert all(spec.shape.is_fully_defined() for spec in it.element_spec.values())
+    size = crop or 32
+    assert it.element_spec["spike_vox"].shape == (4, 5, size // 2, size // 2, 32)
+
+
+def test_both_loaders_give_the_same_bits_for_large_counts(voxel_root, tmp_path):
+    # Counts up to 255: from 20 up TensorFlow's log1p and NumPy's can differ in the last bit, so one definition
+    # of the spike input (spike_input.Representation.normalize) is what keeps the two loaders equal.
+    work = tmp_path / "root"
+    shutil.copytree(voxel_root, work)
+    rng = np.random.default_rng(0)
+    for path in sorted((work / "train").glob(f"*/{layout.SPIKE_VOX}/*.npy")):
+        counts = np.load(path)
+        np.save(path, rng.integers(0, 256, counts.shape).astype(counts.dtype))
+    it = ip.create_train_iterator(_config(work, "voxel"), global_batch_size=4, seed=3, process_index=0,
+                                  process_count=1)
+    _assert_loaders_agree(it, steps=2, crop=16)
+    assert it.index.voxel_dtype == "uint8"
+
+
+def test_normalize_is_the_voxel_normalisation_bit_for_bit():
+    # Representation.normalize (in place) against voxelize.normalize: every uint8 / uint16 count, odd offsets.
+    voxel = spike_input.Representation("voxel", 32)
+    for dtype in (np.uint8, np.uint16):
+        counts = np.arange(np.iinfo(dtype).max + 1).astype(dtype)
+        for start in (0, 1, 3):
+            got = voxel.normalize(counts[start:], 0.37, 0.61)
+            assert got.dtype == np.float32 and got.shape == counts[start:].shape
+            np.testing.assert_array_equal(got, voxelize.normalize(counts[start:], 0.37, 0.61))
+    rates = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+    rates = rates[np.isfinite(rates)]
+    want = (rates.astype(np.float32) - np.float32(0.2)) / np.float32(0.3)
+    np.testing.assert_array_equal(spike_input.Representation("tfp", 32).normalize(rates, 0.2, 0.3), want)
+    cached = rates.copy()
+    spike_input.Representation("tfi", 32).normalize(cached, 0.2, 0.3)
+    np.testing.assert_array_equal(cached.view(np.uint16), rates.view(np.uint16))      # the input is left alone
 
 
 def test_no_spike_input_is_the_normalised_representation_of_an_empty_stream():
