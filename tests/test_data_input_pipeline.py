@@ -153,7 +153,7 @@ def test_tensorflow_loading_equals_numpy_loading(roots, scale):
         assert y % scale == 0 and x % scale == 0
         ref = ip.load_clip(it.index, clip, mean, std, y=y, x=x, crop_size=16, hflip=hf, vflip=vf)
         for key in KEYS:
-            np.testing.assert_allclose(batch[key][j], ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
+            np.testing.assert_array_equal(batch[key][j], ref[key], err_msg=key)   # one definition: exactly equal
         # The spike crop is the RGB crop scaled by f.
         full = ip.load_clip(it.index, clip, mean, std)
         np.testing.assert_array_equal(ip.load_clip(it.index, clip, mean, std, y=y, x=x, crop_size=16)["spike_vox"],
