@@ -157,6 +157,7 @@ def test_metrics_json_has_timing_memory_tiles_and_kair_metrics(dat_run, dataset)
     assert report["tile"] == TILE.to_dict()
     assert report["tiling"]["num_tiles"] == 4 and report["tiling"]["tile_shape_thw"] == [3, 64, 64]
     assert report["model"]["kind"] == "training_checkpoint"
+    assert report["trained_clip_length"] is None   # its saved config does not say (the loaded one has defaults)
     spikes = report["input"]["spikes"]
     assert spikes["format"] == "dat" and spikes["seq"] == SEQ and spikes["spike_bins"] == 4
     assert spikes["voxel_stats"]["path"].endswith("voxel_stats.json")

@@ -657,6 +657,7 @@ class LoadedModel:
     kind: str                 # "official_vrt" or "training_checkpoint"
     description: Dict[str, Any]
     config: Any = None        # the training config, when there is one
+    trained_clip_length: Optional[int] = None   # T of the run's training, when its saved config says
 
 
 def load_model(checkpoint, *, which: str = "best", step: Optional[int] = None, vrt_preset: Optional[str] = None,
@@ -740,12 +741,13 @@ def _load_official(path: Path, vrt_preset: Optional[str], official_config) -> Lo
 
 def _load_training_checkpoint(path: Path, which: str, step: Optional[int]) -> LoadedModel:
     try:
-        from vrtspike_jax.train.checkpointing import load_model_from_checkpoint
+        from vrtspike_jax.train.checkpointing import load_model_from_checkpoint, resolve_checkpoint_dir
     except ImportError as err:
         raise InputError(f"{path}: reading a training checkpoint needs vrtspike_jax.train.checkpointing."
                          f"load_model_from_checkpoint, which this installation lacks ({err})") from None
     # Orbax wants absolute paths (a relative one fails deep inside tensorstore).
-    model, config = load_model_from_checkpoint(str(path.resolve()), step=step, which=which)
+    step_dir = resolve_checkpoint_dir(str(path.resolve()), step, which)
+    model, config = load_model_from_checkpoint(str(step_dir))
     from vrtspike_jax.train.train_lib import enable_compilation_cache
 
     enable_compilation_cache(config)   # the run's persistent XLA cache: a second restoration skips compiling
@@ -753,7 +755,18 @@ def _load_training_checkpoint(path: Path, which: str, step: Optional[int]) -> Lo
     description = {"checkpoint": str(path), "kind": "training_checkpoint", "which": which, "step": step,
                    "config": _jsonable(dataclasses.asdict(model_config)) if dataclasses.is_dataclass(model_config)
                    else repr(model_config)}
-    return LoadedModel(model, "training_checkpoint", description, config)
+    return LoadedModel(model, "training_checkpoint", description, config, _saved_clip_length(step_dir))
+
+
+def _saved_clip_length(step_dir: Path) -> Optional[int]:
+    """data.clip_length as the checkpoint saved it: the loaded config fills keys an older or a converted checkpoint
+    lacks with today's defaults, which say nothing about how the model was trained."""
+    try:
+        saved = json.loads((step_dir / "config" / "metadata").read_text())
+        value = (saved.get("data") or {}).get("clip_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _jsonable(value):

@@ -437,9 +437,9 @@ class Prepared:
 
 
 def trained_clip_length(loaded: LoadedModel) -> Optional[int]:
-    """T, the frames per clip the checkpoint's model was trained on (its config's data.clip_length), or None."""
-    value = config_get(loaded.config, "data", "clip_length")
-    return int(value) if value else None
+    """T, the frames per clip the checkpoint's model was trained on (the data.clip_length its config saved), or None
+    (official weights, a converted VRT, a config that does not say)."""
+    return loaded.trained_clip_length
 
 
 def tile_from(args, loaded: LoadedModel, num_frames: int, notes: List[str], warnings: List[str]) -> TileSpec:
