@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vrtspike_jax import runtime
+
 # The model's input size rule (vrtspike_jax.models.vrt.config.check_input_shape).
 MIN_FRAMES = 2
 MIN_SIZE = 64
@@ -510,19 +512,6 @@ def model_upscale(model) -> int:
     return int(getattr(vrt_config, "upscale", 1))
 
 
-def _memory_analysis(compiled) -> Optional[Dict[str, int]]:
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if stats is None:
-        return None
-    out = {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
-           "output_bytes": int(stats.output_size_in_bytes)}
-    out["total_bytes"] = sum(out.values())
-    return out
-
-
 class ApplyFn:
     """A jitted `apply_fn(frames [1,t,h,w,3], spikes [1,t,h/f,w/f,K] or None) -> [1,t,h*s,w*s,3]` of one model.
 
@@ -535,8 +524,9 @@ class ApplyFn:
       uses_spikes, spike_scale, spike_bins, upscale: what the model takes and gives.
       compiles: compilations triggered by this ApplyFn's calls (and `compile`).
       compile_seconds: wall time spent in `compile`.
-      window_memory: XLA's memory analysis of the last `compile` ({'temp_bytes', 'argument_bytes',
-        'output_bytes', 'total_bytes'}: the working memory one window needs besides the runtime), or None.
+      window_memory: XLA's memory analysis of the last `compile` (runtime.compiled_memory: 'temp_bytes',
+        'argument_bytes', 'output_bytes', 'total_bytes', ...: the working memory one window needs besides the
+        runtime), or None.
     """
 
     def __init__(self, model):
@@ -588,7 +578,7 @@ class ApplyFn:
         self.compiles += self._traces[0] - before
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
-        self.window_memory = _memory_analysis(compiled)
+        self.window_memory = runtime.compiled_memory(compiled)
         return seconds
 
     def compile_for(self, plan: TilePlan, channels: int = 3) -> float:
