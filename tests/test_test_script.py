@@ -18,7 +18,7 @@ from PIL import Image
 from data_pipelines import layout, spike_dat, voxelize
 from vrtspike_jax import metrics
 from vrtspike_jax.inference import TileSpec, make_apply_fn, restore_video
-from vrtspike_jax.train.validation import METRIC_NAMES
+from vrtspike_jax.metrics import METRIC_NAMES
 
 from test_inference import TINY_MODEL, build_tiny_model, make_clip
 

@@ -13,6 +13,7 @@ only:
 
 A run config is anything `vrtspike_jax.train.run_config.read` takes (a ConfigDict, or a RunConfig).
   build(graphdef, params, lora_spec)   the model of a parameter tree, LoRA factors folded in
+  with_official_weights(section, weights)   the model of a section with official VRT weights in its RGB branch
 """
 from __future__ import annotations
 
@@ -79,16 +80,25 @@ def abstract_params(config) -> Tuple[nnx.GraphDef, Dict[str, Any]]:
     return graphdef, params
 
 
+def with_official_weights(section, weights, seed: int = 0) -> VRTWithSpike:
+    """The model of a `model` section with the official VRT weights of `weights` (.npz / .pth state_dict, or a folder
+    from scripts/convert_vrt_checkpoint.py) in its RGB branch; the other parameters drawn from `seed`. Training's
+    `init.vrt_from` and the restorer's official weights both load through here."""
+    from vrtspike_jax.convert import load_official_weights_into
+
+    model = build_model(model_config(section), rngs=nnx.Rngs(seed))
+    load_official_weights_into(model, os.path.expanduser(str(weights)))
+    logging.info("RGB branch initialised from official VRT weights %s", weights)
+    return model
+
+
 def initial_params(config) -> Dict[str, Any]:
     """The run's parameters at step 0 (see the module docstring), NumPy on the host."""
     config = _run_config(config)
-    model = build_model(model_config(config.model), rngs=nnx.Rngs(config.seed))
-    init_from = config.init.vrt_from
-    if init_from:
-        from vrtspike_jax.convert import load_official_weights_into
-
-        load_official_weights_into(model, os.path.expanduser(str(init_from)))
-        logging.info("RGB branch initialised from official VRT weights %s", init_from)
+    if config.init.vrt_from:
+        model = with_official_weights(config.model, config.init.vrt_from, config.seed)
+    else:
+        model = build_model(model_config(config.model), rngs=nnx.Rngs(config.seed))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if config.init.zero_output_conv:
         # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
@@ -102,5 +112,5 @@ def build(graphdef, params, lora_spec: Optional[lora.LoRASpec] = None) -> VRTWit
     return nnx.merge(graphdef, lora.apply(params, lora_spec))
 
 
-__all__ = ["abstract", "abstract_params", "build", "initial_params", "model_config",
+__all__ = ["with_official_weights", "abstract", "abstract_params", "build", "initial_params", "model_config",
            "resolve_compute_dtype", "resolved_mapping"]

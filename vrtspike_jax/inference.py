@@ -718,12 +718,9 @@ def _official_section(path: Path, vrt_preset: Optional[str], official_config) ->
 
 def _load_official(path: Path, vrt_preset: Optional[str], official_config) -> LoadedModel:
     from vrtspike_jax import factory
-    from vrtspike_jax.convert import load_official_weights_into
-    from vrtspike_jax.models import build_model
 
     section, source = _official_section(path, vrt_preset, official_config)
-    model = build_model(factory.model_config(section), rngs=nnx.Rngs(0))
-    load_official_weights_into(model, path)
+    model = factory.with_official_weights(section, path)
     description = {"checkpoint": str(path), "kind": "official_vrt", "architecture_from": source,
                    "config": model.config.vrt.official_kwargs()}
     return LoadedModel(model, "official_vrt", description)

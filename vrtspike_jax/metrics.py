@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping
+from typing import Dict, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,11 @@ _Y_WEIGHTS = np.array([65.481, 128.553, 24.966])  # for R, G, B in [0, 1]; resul
 # PSNR / SSIM (KAIR / BasicSR)
 # --------------------------------------------------------------------------------------------------
 
+def quantize_uint8(frames: np.ndarray) -> np.ndarray:
+    """[..., 3] floats in [0, 1] -> uint8 (clamped, rounded), as the PNGs and the metrics see them."""
+    return np.round(np.clip(np.asarray(frames, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _to_255(images, quantize: bool, name: str) -> np.ndarray:
     """Channels-last images -> float64 on the 0-255 scale (see the module docstring)."""
     images = np.asarray(images)
@@ -48,8 +53,7 @@ def _to_255(images, quantize: bool, name: str) -> np.ndarray:
     if not jnp.issubdtype(images.dtype, jnp.floating):  # jnp's test also accepts bfloat16
         raise ValueError(f"{name}: expected uint8 (0-255) or floating-point (0-1) images, found dtype {images.dtype}")
     if quantize:
-        unit = np.clip(images.astype(np.float32), 0.0, 1.0)
-        return np.round(unit * np.float32(255.0)).astype(np.float64)
+        return quantize_uint8(images).astype(np.float64)
     return images.astype(np.float64) * 255.0
 
 
@@ -220,6 +224,28 @@ def legacy_svrt_ssim_y(pred, gt, window_size: int = 11) -> float:
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
         (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2) + 1e-12)
     return float(np.mean(ssim_map))
+
+
+# --------------------------------------------------------------------------------------------------
+# The metric set of validation and the restorer (one key schema)
+# --------------------------------------------------------------------------------------------------
+
+CONVENTIONS = ("KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM 11x11 Gaussian "
+               "sigma 1.5, valid, population variance; mean over frames")
+
+METRIC_NAMES = ("psnr", "psnr_y", "ssim", "ssim_y")
+
+
+def frame_metrics(restored: np.ndarray, reference: np.ndarray, *, quantize: bool = True,
+                  crop_border: int = 0) -> Dict[str, np.ndarray]:
+    """Per-frame PSNR / SSIM (RGB and Y) of `restored` vs `reference`, both `[n, H, W, 3]` in [0, 1]: arrays [n]."""
+    kw = dict(quantize=quantize, crop_border=crop_border)
+    return {
+        "psnr": np.atleast_1d(psnr(restored, reference, **kw)),
+        "psnr_y": np.atleast_1d(psnr(restored, reference, y_channel=True, **kw)),
+        "ssim": np.atleast_1d(ssim(restored, reference, **kw)),
+        "ssim_y": np.atleast_1d(ssim(restored, reference, y_channel=True, **kw)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

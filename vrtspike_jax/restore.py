@@ -12,7 +12,7 @@
 
 The pieces are the library's own: the model from `inference.load_model`, the spike input from
 `data_pipelines.prepare.exposure_input` (what prepare_data caches), the metrics and the 8-bit quantiser of
-training's validation (`vrtspike_jax.train.validation`: one key schema), and the output folder from
+training's validation (`vrtspike_jax.metrics.frame_metrics`: one key schema), and the output folder from
 `data_pipelines.fileio.atomic_folder` (the caller's). `args` is the restorer's parsed flags (scripts/test.py; any
 object with those attributes).
 """
@@ -200,20 +200,9 @@ def compact_counts(counts: np.ndarray) -> np.ndarray:
 # Spikes: the run's representation, computed as prepare_data does
 
 
-def config_get(config, *names, default=None):
-    """config.a.b... from a ConfigDict, a dict or an object; `default` when any part is missing."""
-    node = config
-    for name in names:
-        if node is None:
-            return default
-        if isinstance(node, dict) or hasattr(node, "keys"):
-            try:
-                node = node[name] if name in node else None
-            except TypeError:
-                node = None
-        else:
-            node = getattr(node, name, None)
-    return default if node is None else node
+def _data_section(loaded: LoadedModel):
+    """The run's `data` section (a training checkpoint's typed config), None for official weights."""
+    return None if loaded.config is None else loaded.config.data
 
 
 def _find_upwards(start: Path, name: str, levels: int = 4) -> Optional[Path]:
@@ -232,9 +221,8 @@ def _stats_path(args, loaded: LoadedModel, spike_dir: Path, name: str) -> Path:
     """The statistics file `name` (the representation's) of the run: --spike_stats, the config, else upwards."""
     if args.spike_stats:
         return Path(args.spike_stats)
-    for candidate in (config_get(loaded.config, "data", "stats_file"),
-                      (Path(config_get(loaded.config, "data", "root")) / name)
-                      if config_get(loaded.config, "data", "root") else None):
+    data = _data_section(loaded)
+    for candidate in (data and data.stats_file, data and data.root and Path(data.root) / name):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     found = _find_upwards(spike_dir, name)
@@ -251,7 +239,7 @@ def spike_representation(loaded: LoadedModel, bins: int):
     from data_pipelines.errors import DataError
 
     try:
-        representation = spike_input.Representation.from_config(config_get(loaded.config, "data", default={}))
+        representation = spike_input.Representation.from_config(_data_section(loaded) or {})
         return dataclasses.replace(representation, num_bins=int(bins))
     except DataError as err:
         raise InputError(f"{loaded.description['checkpoint']}: run config: {err}") from None
@@ -595,15 +583,15 @@ def compile_model(args, prep: Prepared) -> Tuple[inference.ApplyFn, float]:
 
 def frame_metrics(restored_u8: np.ndarray, gt_u8: np.ndarray, blur_u8: Optional[np.ndarray]) -> Dict[str, Any]:
     """Training validation's metrics of one 8-bit restored frame against its ground truth, under its names
-    (`validation.frame_metrics`: psnr, psnr_y, ssim, ssim_y), and those of the blurry frame as `input_*`.
+    (`metrics.frame_metrics`: psnr, psnr_y, ssim, ssim_y), and those of the blurry frame as `input_*`.
 
     A frame equal to its ground truth has an infinite PSNR: JSON has no infinity, so the value is null and the
     metric's name is listed under "infinite" (the averages then say how many frames they exclude)."""
-    from vrtspike_jax.train import validation
+    from vrtspike_jax import metrics
 
-    values = validation.frame_metrics(restored_u8[None], gt_u8[None])
+    values = metrics.frame_metrics(restored_u8[None], gt_u8[None])
     if blur_u8 is not None and blur_u8.shape == gt_u8.shape:
-        values.update({f"input_{k}": v for k, v in validation.frame_metrics(blur_u8[None], gt_u8[None]).items()})
+        values.update({f"input_{k}": v for k, v in metrics.frame_metrics(blur_u8[None], gt_u8[None]).items()})
     out = {k: float(v[0]) for k, v in values.items()}
     result: Dict[str, Any] = {k: v if math.isfinite(v) else None for k, v in out.items()}
     infinite = sorted(k for k, v in out.items() if math.isinf(v))
@@ -628,7 +616,7 @@ def average_metrics(per_frame: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def metrics_section(per_frame: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], List[str]]:
     """metrics.json's `metrics` (per frame, average, conventions) and the notes on frames left out of averages."""
-    from vrtspike_jax.train import validation
+    from vrtspike_jax import metrics
 
     average = average_metrics(per_frame)
     notes = []
@@ -638,7 +626,7 @@ def metrics_section(per_frame: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], Li
                      f"PSNR: {', '.join(frames[:3])}{' ...' if len(frames) > 3 else ''}); the average is over the "
                      f"other {len(per_frame) - len(frames)}")
     section = {"per_frame": per_frame, "average": average,
-               "conventions": f"{validation.CONVENTIONS}; crop_border 0 (vrtspike_jax.train.validation)"}
+               "conventions": f"{metrics.CONVENTIONS}; crop_border 0 (vrtspike_jax.metrics)"}
     return section, notes
 
 
@@ -657,7 +645,7 @@ class PngWriter:
     def _run(self):
         from PIL import Image
 
-        from vrtspike_jax.train.validation import quantize_uint8
+        from vrtspike_jax.metrics import quantize_uint8
 
         while True:
             item = self.queue.get()

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from data_pipelines import layout, prepare, simulate, spike_dat, spike_repr
-from vrtspike_jax.train import validation
+from vrtspike_jax import metrics as metrics_lib
 
 # Parameters tried on val: TFP half windows h (2h + 1 frames) and TFI search lengths m, in spike frames.
 DEFAULT_PARAMS = {"tfp": (0, 1, 2, 4, 8, 16, 32), "tfi": (2, 4, 8, 16, 32)}
@@ -81,7 +81,7 @@ def score(items: Iterable[Mapping[str, Any]], a: float, b: float, *, crop_border
     """{psnr_y, ssim_y, num_frames, per_sequence: {seq: {psnr_y, ssim_y, num_frames}}}: means over frames."""
     sums: Dict[str, List[Dict[str, float]]] = {}
     for it in items:
-        values = validation.frame_metrics(grey_frame(it["rate"], a, b)[None],
+        values = metrics_lib.frame_metrics(grey_frame(it["rate"], a, b)[None],
                                           (np.asarray(it["sharp"], np.float32) / 255.0)[None], quantize=True,
                                           crop_border=crop_border)
         sums.setdefault(it["seq"], []).append({k: float(values[k][0]) for k in ("psnr_y", "ssim_y")})

@@ -27,26 +27,7 @@ import numpy as np
 from flax import nnx
 
 from vrtspike_jax import metrics as metrics_lib
-
-METRIC_NAMES = ("psnr", "psnr_y", "ssim", "ssim_y")
-
-
-def frame_metrics(restored: np.ndarray, reference: np.ndarray, *, quantize: bool = True,
-                  crop_border: int = 0) -> Dict[str, np.ndarray]:
-    """Per-frame PSNR / SSIM (RGB and Y) of `restored` vs `reference`, both `[n, H, W, 3]` in [0, 1]: arrays [n]."""
-    kw = dict(quantize=quantize, crop_border=crop_border)
-    return {
-        "psnr": np.atleast_1d(metrics_lib.psnr(restored, reference, **kw)),
-        "psnr_y": np.atleast_1d(metrics_lib.psnr(restored, reference, y_channel=True, **kw)),
-        "ssim": np.atleast_1d(metrics_lib.ssim(restored, reference, **kw)),
-        "ssim_y": np.atleast_1d(metrics_lib.ssim(restored, reference, y_channel=True, **kw)),
-    }
-
-
-def quantize_uint8(frames: np.ndarray) -> np.ndarray:
-    """[..., 3] floats in [0, 1] -> uint8 (clamped, rounded), as the PNGs and the metrics see them."""
-    return np.round(np.clip(np.asarray(frames, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
-
+from vrtspike_jax.metrics import CONVENTIONS, METRIC_NAMES, frame_metrics, quantize_uint8   # noqa: F401 (re-exported)
 
 def triptych(blur: np.ndarray, restored: np.ndarray, sharp: np.ndarray) -> np.ndarray:
     """blur | restored | sharp side by side: uint8 [H, 3W, 3] from three [H, W, 3] frames in [0, 1]."""
@@ -194,10 +175,6 @@ def read_metrics_jsons(workdir: Path) -> List[Dict[str, Any]]:
     if not folder.is_dir():
         return []
     return [json.loads(p.read_text()) for p in sorted(folder.glob("val_step_*.json"))]
-
-
-CONVENTIONS = ("KAIR/BasicSR: 8-bit frames; Y = BT.601 (16 + 65.481R + 128.553G + 24.966B); SSIM 11x11 Gaussian "
-               "sigma 1.5, valid, population variance; mean over frames")
 
 
 class Validator:
