@@ -10,9 +10,7 @@ a failed run leaves no partial file behind (and an existing file is untouched).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, NoReturn
 
@@ -80,17 +78,11 @@ def write_npz_atomically(path, arrays: Mapping[str, np.ndarray], option: str = "
     final = npz_path(path)
     if not final.parent.is_dir():
         raise UsageError(f"{option} {final}: the folder {final.parent} does not exist (create it first)")
+    from data_pipelines import fileio
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    except OSError as exc:
-        raise UsageError(f"{option} {final}: cannot write there ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
+        with fileio.atomic_path(final) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(tmp, final)
     except OSError as exc:
         raise UsageError(f"{option} {final}: cannot write there ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return final

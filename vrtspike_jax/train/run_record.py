@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import jax
 
+from data_pipelines import fileio
+
 RECORD_DIR = "run_records"
 _MAX_PATCH_BYTES = 20 * 2 ** 20
 
@@ -110,9 +112,7 @@ def write_run_record(workdir, config_dict: Mapping[str, Any], *, start_step: int
             patch.write_text(diff[:_MAX_PATCH_BYTES])
             record["git"]["patch"] = patch.name
     path = folder / f"{stem}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

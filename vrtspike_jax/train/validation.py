@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from data_pipelines import fileio
 from vrtspike_jax import metrics as metrics_lib
 from vrtspike_jax.metrics import CONVENTIONS, METRIC_NAMES, frame_metrics, quantize_uint8   # noqa: F401 (re-exported)
 
@@ -35,13 +36,11 @@ def triptych(blur: np.ndarray, restored: np.ndarray, sharp: np.ndarray) -> np.nd
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
-    """Writes a uint8 RGB image atomically (temporary name, then rename)."""
+    """Writes a uint8 RGB image atomically (data_pipelines.fileio: a temporary name, then a rename)."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with fileio.atomic_path(path, ".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 class LPIPSScorer:
@@ -161,11 +160,8 @@ def evaluate(apply_fn: Callable, eval_iterator, *, tile, spike_scale: int, use_s
 def write_metrics_json(workdir: Path, step: int, result: Mapping[str, Any], extra: Mapping[str, Any]) -> Path:
     """`WORKDIR/metrics/val_step_<step>.json` (atomic write); returns the path."""
     path = Path(workdir) / "metrics" / f"val_step_{step:07d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"step": int(step), **dict(result), **dict(extra)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
     return path
 
 
