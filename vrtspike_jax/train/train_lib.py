@@ -629,6 +629,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     "metrics_dir", "validation" (the last validation's metrics, or None)}.
 
     Every process of a multi-process run calls this with the same config and workdir (a shared filesystem).
+    About 125 lines on purpose (over the ~80-line rule): the run reads top to bottom in banners as big_vision's
+    train.py; each policy it uses (Validator, StepLog, RunCheckpoints.keep_if_best, check_same_model, restore_run,
+    open_input, open_writers) is a named, separately tested piece, and no closure shares state with the loop.
     """
     run_start = time.perf_counter()
     config = preflight.preflight(config)   # the typed config; bad keys, absent files, unprepared data: one line
