@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags
 from flax import nnx
+import ml_collections
 from ml_collections import config_flags
 
 from vrtspike_jax import factory  # noqa: E402
@@ -33,7 +34,8 @@ from vrtspike_jax.models.vrt_spike import ENCODER_SCALE_OF_STAGE
 from vrtspike_jax.train import run_config
 from vrtspike_jax.train.preflight import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/baseline.py:variant).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/baseline.py:variant), "
+                                          "or a config with a `model` section alone.",
                                           lock_config=False)
 _FRAMES = flags.DEFINE_integer("frames", None, "Clip length T (default: config.data.clip_length).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Frame height (default: config.data.crop_size, else 256).")
@@ -149,6 +151,11 @@ def load_config():
     except OSError as exc:  # ml_collections defers a failed load until the config is used
         message = re.sub(r"^.*earlier failure to load: ", "", _one_line(exc))
         raise UsageError(f"--config={filename}: cannot be loaded ({message})") from None
+    if set(config.keys()) <= {"model", "variant"}:
+        # A model section alone (a config of one's own): the clip shape defaults to the baseline's training clip.
+        from vrtspike_jax.train.defaults import base_config
+
+        return ml_collections.FrozenConfigDict({"model": config.model, "data": base_config().data})
     try:
         return run_config.read(config)   # a training config: every key known, typed
     except ConfigError as exc:
