@@ -178,7 +178,8 @@ class VRTWithSpike(nnx.Module):
         if not self.config.use_spike:
             return self.vrt(frames, rng=rng, return_intermediates=return_intermediates)
         self.check_inputs(frames, spike_voxels)
-        encoded = self.encode_spikes(spike_voxels)
+        with jax.named_scope("spike_encoder"):
+            encoded = self.encode_spikes(spike_voxels)
         index_of_stage = {s: j for j, s in enumerate(self.fuse_stages)}
         fuse = self._fuse_fn()
         spike_inter: Dict[str, jax.Array] = {}

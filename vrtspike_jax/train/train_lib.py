@@ -253,7 +253,8 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
                 p = gradient_gate(p, step)
             model = factory.build(graphdef, p, lora_spec)
             restored = model(batch["blur"], spikes, rng=rng)
-            return loss_fn(restored, batch["sharp"], vgg_params)
+            with jax.named_scope("loss"):
+                return loss_fn(restored, batch["sharp"], vgg_params)
 
         (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
         grad_norm = optax.tree.norm(grads)

@@ -315,8 +315,10 @@ class TMSA(nnx.Module):
         rng1 = rng2 = None
         if rng is not None:
             rng1, rng2 = jax.random.split(rng)
-        x = x + drop_path(self.attention_part(x, region_labels), rate, rng1)
-        x = x + drop_path(self.mlp(self.norm2(x)), rate, rng2)
+        with jax.named_scope("attention"):
+            x = x + drop_path(self.attention_part(x, region_labels), rate, rng1)
+        with jax.named_scope("mlp"):
+            x = x + drop_path(self.mlp(self.norm2(x)), rate, rng2)
         return x
 
 

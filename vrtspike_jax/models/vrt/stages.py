@@ -141,15 +141,18 @@ class Stage(nnx.Module):
         rng1 = rng2 = None
         if rng is not None:
             rng1, rng2 = jax.random.split(rng)
-        x = self.linear1(self.residual_group1(x, rng1)) + x
-        x = self.linear2(self.residual_group2(x, rng2)) + x
-        if self.remat == "none":
-            return self._warp_and_fuse(x, flows_backward, flows_forward)
-        # Rematerialise the alignment (flow warping, DCN and its offset convs) and the fusion MLP: only their
-        # inputs are kept for the backward pass, not the 27*dg-channel offset maps and sampled taps.
-        graphdef, state = nnx.split(self)
-        fn = lambda st, x, fb, ff: nnx.merge(graphdef, st)._warp_and_fuse(x, fb, ff)  # noqa: E731
-        return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.remat])(state, x, flows_backward, flows_forward)
+        with jax.named_scope("tmsa_mutual"):
+            x = self.linear1(self.residual_group1(x, rng1)) + x
+        with jax.named_scope("tmsa_self"):
+            x = self.linear2(self.residual_group2(x, rng2)) + x
+        with jax.named_scope("parallel_warp"):
+            if self.remat == "none":
+                return self._warp_and_fuse(x, flows_backward, flows_forward)
+            # Rematerialise the alignment (flow warping, DCN and its offset convs) and the fusion MLP: only their
+            # inputs are kept for the backward pass, not the 27*dg-channel offset maps and sampled taps.
+            graphdef, state = nnx.split(self)
+            fn = lambda st, x, fb, ff: nnx.merge(graphdef, st)._warp_and_fuse(x, fb, ff)  # noqa: E731
+            return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.remat])(state, x, flows_backward, flows_forward)
 
     def _warp_and_fuse(self, x, flows_backward, flows_forward):
         x_backward, x_forward = self.parallel_warp(x, flows_backward, flows_forward)

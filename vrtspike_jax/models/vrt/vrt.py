@@ -125,15 +125,17 @@ class VRT(nnx.Module):
         x1 = fold_frames(frames[:, :-1])
         x2 = fold_frames(frames[:, 1:])
         # Backward (ref = t, supp = t+1) and forward (ref = t+1, supp = t) in one batched SpyNet call.
-        flows = self.spynet(jnp.concatenate([x1, x2], 0), jnp.concatenate([x2, x1], 0))
+        with jax.named_scope("spynet"):
+            flows = self.spynet(jnp.concatenate([x1, x2], 0), jnp.concatenate([x2, x1], 0))
         m = x1.shape[0]
         backward = [f[:m].reshape((n, d - 1) + f.shape[1:]) for f in flows]
         forward = [f[m:].reshape((n, d - 1) + f.shape[1:]) for f in flows]
         if self.config.pa_frames >= 4:
-            b2, f2 = _compose_flows_4(backward, forward)
-            if self.config.pa_frames == 6:
-                b3, f3 = _compose_flows_6(backward, forward, b2, f2)
-                return backward + b2 + b3, forward + f2 + f3
+            with jax.named_scope("compose_flows"):
+                b2, f2 = _compose_flows_4(backward, forward)
+                if self.config.pa_frames == 6:
+                    b3, f3 = _compose_flows_6(backward, forward, b2, f2)
+                    return backward + b2 + b3, forward + f2 + f3
             return backward + b2, forward + f2
         return backward, forward
 
@@ -186,16 +188,18 @@ class VRT(nnx.Module):
             s = scale_of_stage[i]
             fb = [flows_backward[s + 4 * j] for j in range(k)]
             ff = [flows_forward[s + 4 * j] for j in range(k)]
-            if self.config.remat_stages:
-                # Keep only the stage input for the backward pass (the stage is recomputed, its blocks then
-                # rematerialised again inside): the leanest memory, at about one more forward pass.
-                graphdef, state = nnx.split(self.stages[i])
-                fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
-                out = jax.checkpoint(fn)(state, inp, fb, ff, rngs[i])
-            else:
-                out = self.stages[i](inp, fb, ff, rngs[i])
+            with jax.named_scope(f"stage{i + 1}"):   # names in XLA's metadata (scripts/memory_breakdown.py)
+                if self.config.remat_stages:
+                    # Keep only the stage input for the backward pass (the stage is recomputed, its blocks then
+                    # rematerialised again inside): the leanest memory, at about one more forward pass.
+                    graphdef, state = nnx.split(self.stages[i])
+                    fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
+                    out = jax.checkpoint(fn)(state, inp, fb, ff, rngs[i])
+                else:
+                    out = self.stages[i](inp, fb, ff, rngs[i])
             if stage_hook is not None:
-                out = stage_hook(i + 1, out)
+                with jax.named_scope(f"fusion{i + 1}"):
+                    out = stage_hook(i + 1, out)
             if intermediates is not None:
                 intermediates[f"stage{i + 1}_out"] = out
             return out
@@ -208,9 +212,11 @@ class VRT(nnx.Module):
         y = run_stage(5, y + x3)
         y = run_stage(6, y + x2)
         y = y + x1
-        y = self.stage8_linear(self.stage8_norm(y))
+        with jax.named_scope("stage8"):
+            y = self.stage8_linear(self.stage8_norm(y))
         for j, layer in enumerate(self.stage8):
-            y = layer(y, rngs[7 + j])
+            with jax.named_scope(f"stage8_{j + 1}"):
+                y = layer(y, rngs[7 + j])
             if intermediates is not None:
                 intermediates[f"stage8_{j + 1}_out"] = y
         return self.norm(y)
@@ -239,10 +245,12 @@ class VRT(nnx.Module):
         """
         self.check_input(frames)
         intermediates = {} if return_intermediates else None
-        x, flows_backward, flows_forward = self.embed(frames, intermediates)
+        with jax.named_scope("embed"):
+            x, flows_backward, flows_forward = self.embed(frames, intermediates)
         features = self.forward_features(x, flows_backward, flows_forward, rng=rng, stage_hook=stage_hook,
                                          intermediates=intermediates)
-        out = self.reconstruct(x, features, frames)
+        with jax.named_scope("reconstruct"):
+            out = self.reconstruct(x, features, frames)
         return (out, intermediates) if return_intermediates else out
 
 

@@ -1,0 +1,232 @@
+r"""Where the train step's memory peak sits: XLA's buffers live at the peak, by model part and op kind.
+
+    python scripts/memory_breakdown.py --config configs/baseline.py --frames 5 --height 256 --width 256
+    python scripts/memory_breakdown.py --config configs/baseline.py:vrt_only --frames 6 --height 64 --width 64 \
+        --dtype bfloat16 --json runs/memory_6x64.json
+
+It compiles (does not run) the step `scripts/benchmark.py` times, which is the step training runs, with every
+argument after the script's own passed to benchmark.py (`--mode train --runs 0 --warmup 0` are added), and asks
+XLA to dump that program's buffer assignment into a temporary folder. XLA's live-range report names every buffer
+alive at the peak of its schedule and the instruction that runs there; each buffer's HLO instruction carries the
+JAX name stack of the code that made it. The model names its parts with `jax.named_scope` (embed, spynet,
+compose_flows, spike_encoder, stage1..stage7 with tmsa_mutual / tmsa_self / parallel_warp inside, attention and
+mlp inside each TMSA block, fusion1..fusion7 for the spike fusion, stage8_1.., reconstruct, loss), so the report
+can say, per part and per op kind (gather, dot_general, ...), how many bytes are held at the peak, and whether
+they belong to the forward pass (`jvp`) or the backward pass (`transpose`).
+
+Output: the peak (XLA's heap-simulator figure: temporaries plus the arguments it counts), the instruction at the
+peak with its name stack, then tables by part, by (part, sub-part), by op kind and the largest buffers. `--json`
+writes them all. `--keep_dump DIR` keeps XLA's dump (several hundred MB of files). Exit status 2 with one line for
+a bad flag; the benchmark's own errors are passed through.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = REPO_ROOT / "scripts" / "benchmark.py"
+MODULE = "jit_train_step"
+
+# Name-scope tokens of the model (jax.named_scope in models/ and train_lib), outermost first.
+PART = re.compile(r"^(embed|spynet|compose_flows|spike_encoder|stage\d+(?:_\d+)?|fusion\d+|reconstruct|loss)$")
+SUB_PART = re.compile(r"^(tmsa_mutual|tmsa_self|parallel_warp|attention|mlp)$")
+_LIVE_HEADER = re.compile(r"^\s*Live ranges at (\d+) \(peak\):")
+_LIVE_ENTRY = re.compile(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes")
+_PEAK_TOTAL = re.compile(r"Stack trace breakdown for peak usage: ([\d ]+) bytes")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+class BreakdownError(Exception):
+    """A failure with a one-line message."""
+
+
+def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--top", type=int, default=12, help="rows of each table (default 12)")
+    parser.add_argument("--json", default=None, help="write the breakdown here")
+    parser.add_argument("--keep_dump", default=None, help="keep XLA's dump in this folder")
+    args, rest = parser.parse_known_args(argv)
+    if args.top < 1:
+        parser.error(f"--top {args.top}: must be at least 1")
+    for flag in ("--mode", "--runs", "--warmup"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            parser.error(f"{flag} is set by this script (it compiles the train step only)")
+    return args, rest
+
+
+def dump_flags(folder: Path) -> str:
+    """XLA_FLAGS that dump the train step's optimised HLO and buffer assignment into `folder`."""
+    return f"--xla_dump_to={folder} --xla_dump_hlo_module_re={MODULE}"
+
+
+def compile_with_dump(benchmark_args: List[str], folder: Path) -> dict:
+    """Runs benchmark.py compile-only with the dump flags; returns its JSON report."""
+    report = folder / "benchmark.json"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump_flags(folder)}".strip()
+    command = [sys.executable, str(BENCHMARK), *benchmark_args, "--mode", "train", "--runs", "0", "--warmup", "0",
+               "--json", str(report)]
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise BreakdownError(f"benchmark.py stopped with status {result.returncode} (its message is above)")
+    return json.loads(report.read_text())
+
+
+def find_dump_file(folder: Path, suffix: str, module: str = MODULE) -> Path:
+    matches = sorted(glob.glob(str(folder / f"*.{module}.*after_optimizations{suffix}")))
+    if not matches:
+        raise BreakdownError(f"no XLA dump '*.{module}.*after_optimizations{suffix}' in {folder}: the XLA of this "
+                             f"jax does not write it")
+    return Path(matches[-1])
+
+
+def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str]]:
+    """Instruction name -> (opcode, result shape, JAX op_name) of every instruction of an HLO text dump."""
+    out = {}
+    for line in hlo_text:
+        m = _INSTRUCTION.match(line)
+        if m:
+            op_name = _OP_NAME.search(line)
+            out[m.group(1)] = (m.group(3), m.group(2), op_name.group(1) if op_name else "")
+    return out
+
+
+def read_peak(live_range_text: Iterable[str]) -> Tuple[int, List[Tuple[str, int]], Optional[int]]:
+    """(position of the peak in the schedule, [(instruction, bytes)] live there, the peak's total bytes)."""
+    position, entries, total, inside = None, [], None, False
+    for line in live_range_text:
+        header = _LIVE_HEADER.match(line)
+        if header:
+            position, inside = int(header.group(1)), True
+            continue
+        if inside:
+            entry = _LIVE_ENTRY.match(line)
+            if entry:
+                entries.append((entry.group(1), int(entry.group(2))))
+                continue
+            inside = False
+        peak = _PEAK_TOTAL.search(line)
+        if peak:
+            total = int(peak.group(1).replace(" ", ""))
+    if position is None:
+        raise BreakdownError("XLA's live-range report has no 'Live ranges at N (peak)' section")
+    return position, entries, total
+
+
+def schedule_at(live_range_text: List[str], position: int) -> Optional[str]:
+    """The instruction at `position` of the live-range report's InstructionSequence."""
+    pattern = re.compile(rf"^\s*{position}:(\S+)")
+    for line in live_range_text:
+        m = pattern.match(line)
+        if m:
+            return m.group(1)
+        if "BufferLiveRange:" in line:
+            break
+    return None
+
+
+def classify(opcode: str, op_name: str) -> Dict[str, str]:
+    """part, sub-part, pass and op kind of a buffer from its instruction's opcode and JAX name stack."""
+    if opcode == "parameter":
+        return {"part": "(arguments)", "sub_part": "-", "pass": "-", "op": "parameter"}
+    tokens = [t for t in re.split(r"[/()]", op_name) if t]
+    parts = [t for t in tokens if PART.match(t)]
+    subs = [t for t in tokens if SUB_PART.match(t)]
+    direction = "backward" if "transpose(" in op_name else ("forward" if op_name else "-")
+    op = tokens[-1] if tokens else opcode
+    return {"part": parts[0] if parts else "(unscoped)", "sub_part": "/".join(dict.fromkeys(subs)) or "-",
+            "pass": direction, "op": op}
+
+
+def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
+    """The breakdown of the peak of XLA's dump of `module` in `folder` (see the module docstring)."""
+    instructions = read_instructions(find_dump_file(folder, ".txt", module).read_text().splitlines())
+    live_lines = find_dump_file(folder, "-live-range.txt", module).read_text().splitlines()
+    position, entries, total = read_peak(live_lines)
+    at_peak = schedule_at(live_lines, position)
+    rows = []
+    for name, size in entries:
+        opcode, shape, op_name = instructions.get(name, ("?", "?", ""))
+        rows.append(dict(classify(opcode, op_name), instruction=name, bytes=size, shape=shape, op_name=op_name))
+
+    def table(keys):
+        sums = collections.Counter()
+        for row in rows:
+            sums[tuple(row[k] for k in keys)] += row["bytes"]
+        return [dict(zip(keys, key), bytes=size) for key, size in sums.most_common(top)]
+
+    peak_op = instructions.get(at_peak or "", ("?", "?", ""))
+    return {"peak_bytes": total if total is not None else sum(r["bytes"] for r in rows),
+            "live_bytes": sum(r["bytes"] for r in rows), "buffers": len(rows),
+            "peak_instruction": at_peak, "peak_op_name": peak_op[2], "peak_classified": classify(*peak_op[::2]),
+            "by_part": table(["part"]), "by_part_and_sub_part": table(["part", "sub_part", "pass"]),
+            "by_op": table(["pass", "op"]),
+            "largest": sorted(rows, key=lambda r: -r["bytes"])[:top]}
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f}"
+
+
+def print_report(result: dict) -> None:
+    live = result["live_bytes"]
+    print(f"peak: {gib(result['peak_bytes'])} GiB (XLA's heap simulation); {gib(live)} GiB in "
+          f"{result['buffers']} buffers live at the peak")
+    c = result["peak_classified"]
+    print(f"the peak is at {result['peak_instruction']}: part {c['part']}, {c['sub_part']}, {c['pass']} pass "
+          f"({result['peak_op_name']})")
+    for title, key_names in (("by part", ["part"]), ("by part, sub-part and pass", ["part", "sub_part", "pass"]),
+                             ("by op kind", ["pass", "op"])):
+        key = {"by part": "by_part", "by part, sub-part and pass": "by_part_and_sub_part",
+               "by op kind": "by_op"}[title]
+        print(f"\n{title}:")
+        print(" | ".join(key_names + ["GiB", "share"]))
+        for row in result[key]:
+            print(" | ".join([str(row[k]) for k in key_names] + [gib(row["bytes"]), f"{row['bytes'] / live:.1%}"]))
+    print("\nlargest buffers:")
+    print("GiB | shape | part | sub_part | pass | op | instruction")
+    for row in result["largest"]:
+        print(f"{gib(row['bytes'])} | {row['shape']} | {row['part']} | {row['sub_part']} | {row['pass']} | "
+              f"{row['op']} | {row['instruction']}")
+
+
+def main(argv=None) -> int:
+    args, benchmark_args = split_args(sys.argv[1:] if argv is None else argv)
+    folder = Path(args.keep_dump) if args.keep_dump else Path(tempfile.mkdtemp(prefix="vrtspike-xla-dump-"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        report = compile_with_dump(benchmark_args, folder)
+        result = breakdown(folder, args.top)
+    except BreakdownError as exc:
+        print(f"error: memory_breakdown.py: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep_dump:
+            shutil.rmtree(folder, ignore_errors=True)
+    train = next((p for p in report.get("results", []) if p.get("phase") == "train"), {})
+    result["benchmark"] = {"compile_s": train.get("compile_s"), "flops": train.get("flops"),
+                           **(train.get("xla_memory_bytes") or {})}
+    result["benchmark_args"] = benchmark_args
+    print()
+    print_report(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
