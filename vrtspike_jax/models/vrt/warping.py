@@ -196,18 +196,25 @@ def deform_conv2d(images, offset, weight, bias=None, mask=None, *, stride=(1, 1)
     mask = None if mask is None else mask.reshape(n, ho, wo, groups, taps)
     grouped = images.reshape(n, h, w, groups, cg)
     w_ = weight.reshape(weight_groups, cout // weight_groups, cin_per_wgroup, taps)
-    # One tap at a time: sample [N, Ho, Wo, G, cg] (the size of the input) and accumulate its matmul, so that no
-    # tensor of 9x the feature map exists, in the forward or in the gradient.
-    out = None
-    for k in range(taps):
-        y = jnp.asarray(base_y[:, k], jnp.float32)[None, :, None, None] + offset_y[..., k]
-        x = jnp.asarray(base_x[:, k], jnp.float32)[None, None, :, None] + offset_x[..., k]
-        sample = _sample_zeros(grouped, x, y)  # [N, Ho, Wo, G, cg]
+    # One tap at a time under lax.scan, its body rematerialised: each step samples [N, Ho, Wo, G, cg] (the size of
+    # the input) and accumulates its matmul into the output, in tap order, so that no tensor of 9x the feature map
+    # exists in the forward or in the gradient, and the sampling code is compiled once instead of once per tap.
+    # Measured on one stage-1 DCN of the 1x6x64x64 train step (10 problems, 96 channels, 16 groups), value and
+    # gradient: XLA:CPU compiles it in 0.9 s instead of 3.2 s, runs it in 1.24 s instead of 1.29 s, and plans
+    # 336 MiB of temporaries instead of 1765 MiB (docs/PERFORMANCE.md).
+    def tap(out, xs):
+        by, bx, oy, ox, mk, wk = xs
+        sample = _sample_zeros(grouped, bx[None, None, :, None] + ox, by[None, :, None, None] + oy)
         if mask is not None:
-            sample = sample * mask[..., k, None].astype(sample.dtype)
+            sample = sample * mk[..., None].astype(sample.dtype)
         sample = sample.reshape(n, ho, wo, weight_groups, cin_per_wgroup)
-        term = jnp.einsum("nhwgc,goc->nhwgo", sample, w_[..., k].astype(sample.dtype))
-        out = term if out is None else out + term
+        return out + jnp.einsum("nhwgc,goc->nhwgo", sample, wk.astype(sample.dtype)), None
+
+    per_tap = lambda t: jnp.moveaxis(t, -1, 0)  # noqa: E731  [..., K] -> [K, ...]
+    xs = (jnp.asarray(base_y.T, jnp.float32), jnp.asarray(base_x.T, jnp.float32), per_tap(offset_y),
+          per_tap(offset_x), per_tap(mask) if mask is not None else jnp.zeros((taps,), jnp.float32), per_tap(w_))
+    init = jnp.zeros((n, ho, wo, weight_groups, cout // weight_groups), images.dtype)
+    out, _ = jax.lax.scan(jax.checkpoint(tap), init, xs)
     out = out.reshape(n, ho, wo, cout)
     if bias is not None:
         out = out + bias.astype(out.dtype)
