@@ -1,13 +1,32 @@
-"""Shared test helpers: where the parity fixtures live, and how a missing one is treated."""
+"""Shared test helpers: where the parity fixtures live, and how a missing one is treated; the test session's XLA
+settings and compilation cache; how pytest-xdist's two workers share the suite."""
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import helpers as testing
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # as every entry point does, before any test starts jax
+# The test session's XLA settings, before any test starts jax: helpers.TEST_XLA_FLAGS, then the memory scheduler as
+# every entry point does.
+os.environ["XLA_FLAGS"] = testing.with_xla_flags(os.environ.get("XLA_FLAGS", ""))
+runtime.prefer_memory_scheduler_on_cpu()
 
+# One persistent compilation cache for the whole session: this process, the xdist workers (they inherit the
+# environment of the process that starts them) and every subprocess (helpers.subprocess_env copies the environment).
+# A cache folder of the caller's own (JAX_COMPILATION_CACHE_DIR set before pytest starts) is used as it is.
+_CACHE_VAR = "JAX_COMPILATION_CACHE_DIR"
+if not os.environ.get(_CACHE_VAR):
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="vrtspike-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)   # by the process that made it
+
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])   # in case jax read its environment earlier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +88,66 @@ def load_fixture():
         return cache[name]
 
     return _load
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir() -> Path:
+    """The session's persistent compilation cache (for configs' compilation_cache_dir: the same folder)."""
+    return Path(os.environ[_CACHE_VAR])
+
+
+@pytest.fixture(scope="session")
+def tiny_run_paths(tmp_path_factory, xla_cache_dir):
+    """What the tiny training runs of a test process share: the tiny embedded dataset (built by the first run that
+    needs it) and the session's compilation cache."""
+    return {"embedded": tmp_path_factory.getbasetemp() / "train_embedded", "cache": xla_cache_dir}
+
+
+# ------------------------------------------------------------------------------------------- pytest-xdist
+
+# `pytest -q` runs the suite on two pytest-xdist workers (pytest.ini: -n 2 --dist loadgroup --no-loadscope-reorder).
+# A module's tests that share a module- or class-scoped fixture (a training run, a comparison, a fixture model) go to
+# one worker together, so the fixture is made once; every other test is scheduled on its own. The workers take the
+# work in collection order, so the longest units come first (measured, slowest first): otherwise one worker may
+# start a 5-minute test while the other has nothing left.
+SLOWEST_FIRST = (
+    "tests/test_train_run.py",                   # the reference run and the five tests that read it: 12 min
+    "tests/test_train_run.py::test_warm_up_spike_dropout_ema_and_lora_resume_exactly_across_the_unfreeze",
+    "tests/test_train_sharding.py",
+    "tests/test_compare_script.py",
+    "tests/test_main_quickstart.py",
+    "tests/test_param_groups.py::test_frozen_groups_stay_bit_identical_and_the_warm_up_unfreezes_at_step_n",
+    "tests/test_baseline_command.py",
+    "tests/test_lora.py::test_only_the_factors_and_the_spike_path_train_and_merged_equals_unmerged",
+    "tests/test_benchmark_script.py",
+    "tests/test_vrt_model.py::test_gradients_finite_and_match_finite_differences",
+    "tests/test_train_run.py::test_a_tfp_run_and_its_restorer_follow_the_representation",
+    "tests/test_vrt_model.py::test_execution_options_do_not_change_the_function",
+)
+
+
+def _shares_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d and d[-1].scope in ("package", "module", "class") for d in defs)
+
+
+def _rank(nodeid: str) -> int:
+    """Position in SLOWEST_FIRST of the longest entry that `nodeid` starts with (the rest: after them)."""
+    matches = [(len(prefix), i) for i, prefix in enumerate(SLOWEST_FIRST)
+               if nodeid == prefix or nodeid.startswith(prefix + "::") or nodeid.startswith(prefix + "[")]
+    return max(matches)[1] if matches else len(SLOWEST_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which turns the groups into node ids
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):      # not an xdist worker: the run is left as it is
+        return
+    for item in items:
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+    # A grouped module keeps its tests together and in order: its rank is its module's (SLOWEST_FIRST lists such
+    # modules whole).
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (_rank(item.nodeid.split("::")[0] if item.get_closest_marker("xdist_group")
+                                       else item.nodeid), order[id(item)]))

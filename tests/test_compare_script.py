@@ -12,12 +12,17 @@ import helpers as testing
 
 
 def compare_command(workdir, shared, *extra):
-    overrides = testing.overrides_to_flags({"data.embedded_dir": shared / "train_embedded",
-                                            "compilation_cache_dir": shared / "train_xla_cache",
+    overrides = testing.overrides_to_flags({"data.embedded_dir": shared["embedded"],
+                                            "compilation_cache_dir": shared["cache"],
                                             "optimizer.schedule_steps": 16})
     return [sys.executable, str(testing.REPO_ROOT / "scripts" / "compare.py"),
             f"--config={testing.REPO_ROOT / 'configs' / 'baseline.py'}:tiny", f"--workdir={workdir}",
             *overrides, *extra]
+
+
+def paths_in(folder):
+    """A tiny dataset and XLA cache of a test's own (for runs that stop at a start-up error)."""
+    return {"embedded": folder / "train_embedded", "cache": folder / "train_xla_cache"}
 
 
 def run(command):
@@ -26,8 +31,8 @@ def run(command):
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory):
-    shared = tmp_path_factory.getbasetemp()   # the tiny dataset and XLA cache of the training tests
+def comparison(tmp_path_factory, tiny_run_paths):
+    shared = tiny_run_paths   # the tiny dataset and XLA cache of the training tests
     workdir = tmp_path_factory.mktemp("cmp")
     result = run(compare_command(workdir, shared, "--arms=spike,vrt_only", "--seeds=1", "--steps=2", "--frames=1",
                                  "--robustness=no_spikes,shift:-1"))
@@ -87,7 +92,7 @@ def test_a_rerun_reuses_the_trained_runs(comparison):
 
 
 def test_an_unknown_arm_is_a_one_line_error(tmp_path):
-    result = run(compare_command(tmp_path / "w", tmp_path, "--arms=spike,vrt_olny"))
+    result = run(compare_command(tmp_path / "w", paths_in(tmp_path), "--arms=spike,vrt_olny"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--arms spike,vrt_olny" in errors[0] and "vrt_only" in errors[0]
@@ -96,7 +101,7 @@ def test_an_unknown_arm_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("flag, message", [("shift:0", "--robustness shift:0"), ("blur:2", "--robustness blur:2")])
 def test_a_bad_perturbation_is_a_one_line_error(tmp_path, flag, message):
-    result = run(compare_command(tmp_path / "w", tmp_path, f"--robustness={flag}"))
+    result = run(compare_command(tmp_path / "w", paths_in(tmp_path), f"--robustness={flag}"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "no_spikes" in errors[0]
@@ -104,7 +109,7 @@ def test_a_bad_perturbation_is_a_one_line_error(tmp_path, flag, message):
 
 
 def test_a_shift_of_raw_windows_is_a_one_line_error(tmp_path):
-    result = run(compare_command(tmp_path / "w", tmp_path, "--robustness=no_spikes,shift:1",
+    result = run(compare_command(tmp_path / "w", paths_in(tmp_path), "--robustness=no_spikes,shift:1",
                                  "--config.data.spike_representation=raw"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -70,8 +70,9 @@ def test_frozen_groups_stay_bit_identical_and_the_warm_up_unfreezes_at_step_n():
         counts["deform"] and counts["total"] == sum(np.prod(x.shape) for x in jax.tree.leaves(history[0]))
     # The compiled step does less: the frozen groups' weight gradients (SpyNet's above all) are dead code for XLA
     # (measured: 21.5 against 46.3 GFLOPs for this tiny step; the deformable convolutions' gate is a select and
-    # saves nothing while they are frozen for N steps).
-    full = testing.compiled_tiny_step(baseline.get_config("tiny"))[-1].cost_analysis()["flops"]
+    # saves nothing while they are frozen for N steps). The full step: the tiny training runs' program (the same
+    # model and loss; a persistent-cache hit once a training test has compiled it).
+    full = testing.compiled_tiny_step(testing.tiny_run_config())[-1].cost_analysis()["flops"]
     assert flops < 0.6 * full, (flops, full)
 
 

@@ -18,11 +18,10 @@ import helpers as testing
 TOTAL = 6
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+@pytest.fixture(scope="session")
+def shared(tiny_run_paths):
     """Paths shared by the module's runs: the tiny embedded dataset and the compilation cache (session-wide)."""
-    base = tmp_path_factory.getbasetemp()
-    return {"embedded": base / "train_embedded", "cache": base / "train_xla_cache"}
+    return tiny_run_paths
 
 
 @pytest.fixture(scope="module")
