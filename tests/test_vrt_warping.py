@@ -71,3 +71,52 @@ def test_zero_flow_is_identity_and_integer_flow_shifts():
     np.testing.assert_array_equal(out[:, :, -2:], 0.0)  # zeros padding
     out = np.asarray(warping.flow_warp(jnp.asarray(img), jnp.asarray(flow), padding_mode="border"))
     np.testing.assert_array_equal(out[:, :, -2:], img[:, :, -1:].repeat(2, axis=2))
+
+
+BATCH_SHARDED_DCN = """
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from vrtspike_jax.models.vrt import warping
+
+mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+batch, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+rng = np.random.default_rng(0)
+put = lambda shape, sharding, scale=1.0: jax.device_put(jnp.asarray(rng.normal(size=shape) * scale, jnp.float32),
+                                                       sharding)
+images, offset = put((4, 16, 16, 16), batch), put((4, 16, 16, 2 * 4 * 9), batch, 3.0)
+mask, weight = put((4, 16, 16, 4 * 9), batch), put((16, 16, 3, 3), whole)
+flow = put((4, 16, 16, 2), batch, 4.0)
+
+def loss(images, offset, mask, weight, flow):
+    out = warping.deform_conv2d(images, offset, weight, None, mask)
+    return jnp.sum(out ** 2) + jnp.sum(warping.flow_warp(images, flow) ** 2)
+
+text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(images, offset, mask, weight, flow).compile().as_text()
+for computation in re.split(r"\\n(?=\\S)", text):
+    for line in computation.splitlines():
+        m = re.search(r" = (.+?) (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start)?\\(", line)
+        if m:   # one line per array (a combined collective has a tuple of them)
+            for shape in re.findall(r"[a-z0-9]+\\[[0-9,]*\\]", m.group(1)):
+                print("COLLECTIVE", computation.split(" ", 1)[0], m.group(2), shape)
+"""
+
+
+def test_batch_sharded_sampling_gradients_need_no_activation_sized_collective():
+    """With the batch split over devices, the gradients of deform_conv2d and flow_warp are computed where the samples
+    are: the only collective is the weight gradient's sum over the batch (16x16x3x3), outside the tap loop. (The
+    scatter of the image gradient over a flattened batch index made XLA all-reduce the whole image gradient, four
+    times per tap, and inside deform_conv2d's loop those collectives ran out of order in a two-process CPU run.)"""
+    import subprocess
+    import sys
+
+    import helpers as testing
+
+    result = subprocess.run([sys.executable, "-c", BATCH_SHARDED_DCN], capture_output=True, text=True, timeout=300,
+                            env=testing.subprocess_env(device_count=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    collectives = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("COLLECTIVE")]
+    assert collectives, "the weight gradient's sum over the batch should be one collective"
+    for computation, kind, shape in collectives:
+        size = int(np.prod([int(d) for d in shape[shape.index("[") + 1:-1].split(",") if d]))
+        assert computation == "ENTRY" and kind == "all-reduce" and size <= 16 * 16 * 3 * 3, (computation, kind, shape)

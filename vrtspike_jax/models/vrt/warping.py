@@ -77,12 +77,15 @@ def _sample_zeros_bwd(residuals, grad_out):
     grad_x = jnp.zeros(x.shape, jnp.float32)
     grad_y = jnp.zeros(y.shape, jnp.float32)
     grad = grad_out.astype(jnp.float32)
-    batch = jnp.arange(n)[:, None]
     for rows, cols, weight, dweight_dx, dweight_dy, valid in _corners(h, w, x, y):
         # d out / d image: scatter the weighted output gradient back to the corner pixels.
         index = ((rows * w + cols) * g + jnp.arange(g, dtype=rows.dtype)).reshape(n, -1)
         contribution = (grad * jnp.where(valid, weight, 0.0)[..., None]).reshape(n, -1, c)
-        grad_images = grad_images.at[batch, index].add(contribution)
+        # One scatter per sample (vmap: the batch is a batching dimension of the scatter), not one over a flattened
+        # batch index: with the batch sharded over devices, XLA's partitioner then scatters locally instead of
+        # scattering into a replicated image gradient and all-reducing it (an activation-sized collective per corner,
+        # which inside deform_conv2d's tap loop also broke multi-process CPU runs: gloo collectives out of order).
+        grad_images = jax.vmap(lambda gi, i, u: gi.at[i].add(u))(grad_images, index, contribution)
         # d out / d coordinates: <grad_out, corner value> times the weight's derivative.
         value_dot = jnp.sum(grad * _gather_pixels(images, rows, cols).astype(jnp.float32), axis=-1)
         value_dot = jnp.where(valid, value_dot, 0.0)
@@ -200,19 +203,25 @@ def deform_conv2d(images, offset, weight, bias=None, mask=None, *, stride=(1, 1)
     # the input) and accumulates its matmul into the output, in tap order, so that no tensor of 9x the feature map
     # exists in the forward or in the gradient, and the sampling code is compiled once instead of once per tap.
     # Measured on one stage-1 DCN of the 1x6x64x64 train step (10 problems, 96 channels, 16 groups), value and
-    # gradient: XLA:CPU compiles it in 0.9 s instead of 3.2 s, runs it in 1.24 s instead of 1.29 s, and plans
-    # 336 MiB of temporaries instead of 1765 MiB (docs/PERFORMANCE.md).
+    # gradient, against the nine unrolled taps: XLA:CPU compiles it in 0.9 s instead of 3.3 s, runs it in 0.96 s
+    # instead of 1.31 s and plans 342 MiB of temporaries instead of 1765 MiB (docs/PERFORMANCE.md).
+    # The weights enter the loop broadcast over the batch ([N, K, ...], a few MB), so that the weight gradient of a
+    # tap stays per sample inside the loop and its sum over the batch (a collective when the batch is sharded over
+    # devices) happens once, after the loop.
+    w_batch = jnp.broadcast_to(jnp.moveaxis(w_, -1, 0)[None], (n, taps) + w_.shape[:-1])
+
     def tap(out, xs):
-        by, bx, oy, ox, mk, wk = xs
+        k, by, bx, oy, ox, mk = xs
         sample = _sample_zeros(grouped, bx[None, None, :, None] + ox, by[None, :, None, None] + oy)
         if mask is not None:
             sample = sample * mk[..., None].astype(sample.dtype)
         sample = sample.reshape(n, ho, wo, weight_groups, cin_per_wgroup)
-        return out + jnp.einsum("nhwgc,goc->nhwgo", sample, wk.astype(sample.dtype)), None
+        wk = jax.lax.dynamic_index_in_dim(w_batch, k, axis=1, keepdims=False)
+        return out + jnp.einsum("nhwgc,ngoc->nhwgo", sample, wk.astype(sample.dtype)), None
 
     per_tap = lambda t: jnp.moveaxis(t, -1, 0)  # noqa: E731  [..., K] -> [K, ...]
-    xs = (jnp.asarray(base_y.T, jnp.float32), jnp.asarray(base_x.T, jnp.float32), per_tap(offset_y),
-          per_tap(offset_x), per_tap(mask) if mask is not None else jnp.zeros((taps,), jnp.float32), per_tap(w_))
+    xs = (jnp.arange(taps), jnp.asarray(base_y.T, jnp.float32), jnp.asarray(base_x.T, jnp.float32),
+          per_tap(offset_y), per_tap(offset_x), per_tap(mask) if mask is not None else jnp.zeros((taps,), jnp.float32))
     init = jnp.zeros((n, ho, wo, weight_groups, cout // weight_groups), images.dtype)
     out, _ = jax.lax.scan(jax.checkpoint(tap), init, xs)
     out = out.reshape(n, ho, wo, cout)
