@@ -103,6 +103,32 @@ def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str]
     return out
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+
+
+def kernels_by_part(hlo_text: List[str], top: int) -> List[dict]:
+    """How many fusions (each one kernel that XLA:CPU generates code for) each model part has, outside the fused
+    computations themselves: where the code generation time of the compile goes."""
+    fused = {m.group(1) for line in hlo_text if " fusion(" in line for m in [_CALLS.search(line)] if m}
+    counts = collections.Counter()
+    computation = None
+    for line in hlo_text:
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if m and m.group(3) == "fusion" and computation not in fused:
+            op_name = _OP_NAME.search(line)
+            c = classify("fusion", op_name.group(1) if op_name else "")
+            counts[(c["part"], c["sub_part"])] += 1
+    total = sum(counts.values())
+    return [{"part": part, "sub_part": sub, "kernels": n, "share": n / total}
+            for (part, sub), n in counts.most_common(top)] + [{"part": "(all)", "sub_part": "-", "kernels": total,
+                                                               "share": 1.0}]
+
+
 def read_peak(live_range_text: Iterable[str]) -> Tuple[int, List[Tuple[str, int]], Optional[int]]:
     """(position of the peak in the schedule, [(instruction, bytes)] live there, the peak's total bytes)."""
     position, entries, total, inside = None, [], None, False
@@ -152,7 +178,8 @@ def classify(opcode: str, op_name: str) -> Dict[str, str]:
 
 def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
     """The breakdown of the peak of XLA's dump of `module` in `folder` (see the module docstring)."""
-    instructions = read_instructions(find_dump_file(folder, ".txt", module).read_text().splitlines())
+    hlo_text = find_dump_file(folder, ".txt", module).read_text().splitlines()
+    instructions = read_instructions(hlo_text)
     live_lines = find_dump_file(folder, "-live-range.txt", module).read_text().splitlines()
     position, entries, total = read_peak(live_lines)
     at_peak = schedule_at(live_lines, position)
@@ -173,7 +200,8 @@ def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
             "peak_instruction": at_peak, "peak_op_name": peak_op[2], "peak_classified": classify(*peak_op[::2]),
             "by_part": table(["part"]), "by_part_and_sub_part": table(["part", "sub_part", "pass"]),
             "by_op": table(["pass", "op"]),
-            "largest": sorted(rows, key=lambda r: -r["bytes"])[:top]}
+            "largest": sorted(rows, key=lambda r: -r["bytes"])[:top],
+            "kernels_by_part": kernels_by_part(hlo_text, top)}
 
 
 def gib(n: int) -> str:
@@ -195,6 +223,10 @@ def print_report(result: dict) -> None:
         print(" | ".join(key_names + ["GiB", "share"]))
         for row in result[key]:
             print(" | ".join([str(row[k]) for k in key_names] + [gib(row["bytes"]), f"{row['bytes'] / live:.1%}"]))
+    print("\nfusion instructions by part and sub-part (XLA:CPU generates code for each; a proxy for the compile time):")
+    print("part | sub_part | kernels | share")
+    for row in result["kernels_by_part"]:
+        print(f"{row['part']} | {row['sub_part']} | {row['kernels']} | {row['share']:.1%}")
     print("\nlargest buffers:")
     print("GiB | shape | part | sub_part | pass | op | instruction")
     for row in result["largest"]:

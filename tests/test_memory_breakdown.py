@@ -48,6 +48,9 @@ def test_the_peak_is_attributed_to_the_scope_that_holds_it(dumped):
     # XLA's heap simulation counts at least the temporaries its memory analysis plans.
     assert result["peak_bytes"] >= result["live_bytes"] > 0
     assert result["peak_bytes"] >= temp_bytes * 0.9
+    kernels = {row["part"]: row["kernels"] for row in result["kernels_by_part"]}
+    assert kernels["stage1"] >= 1 and kernels["stage2"] >= 1
+    assert kernels["(all)"] >= kernels["stage1"] + kernels["stage2"]
     largest = result["largest"][0]
     assert largest["part"] == "stage1" and largest["bytes"] >= 16 * 2 ** 20 and "2048,2048" in largest["shape"]
 
