@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from vrtspike_jax import cli   # argparse only: the compile runs in benchmark.py's process
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO_ROOT / "scripts" / "benchmark.py"
 MODULE = "jit_train_step"
@@ -53,7 +55,8 @@ class BreakdownError(Exception):
 
 
 def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top", type=int, default=12, help="rows of each table (default 12)")
     parser.add_argument("--json", default=None, help="write the breakdown here")
     parser.add_argument("--keep_dump", default=None, help="keep XLA's dump in this folder")

@@ -86,5 +86,5 @@ def test_flags_the_script_sets_itself_are_one_line_errors(flag):
     result = subprocess.run([sys.executable, str(testing.REPO_ROOT / "scripts" / "memory_breakdown.py"), flag, "1"],
                             capture_output=True, text=True, timeout=120, env=testing.subprocess_env())
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("memory_breakdown.py: error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: memory_breakdown.py:")]
     assert len(errors) == 1 and flag.split("=")[0] in errors[0]
