@@ -95,36 +95,34 @@ def find_dump_file(folder: Path, suffix: str, module: str = MODULE) -> Path:
     return Path(matches[-1])
 
 
-def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str]]:
-    """Instruction name -> (opcode, result shape, JAX op_name) of every instruction of an HLO text dump."""
-    out = {}
-    for line in hlo_text:
-        m = _INSTRUCTION.match(line)
-        if m:
-            op_name = _OP_NAME.search(line)
-            out[m.group(1)] = (m.group(3), m.group(2), op_name.group(1) if op_name else "")
-    return out
-
-
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 
 
-def kernels_by_part(hlo_text: List[str], top: int) -> List[dict]:
-    """How many fusions (each one kernel that XLA:CPU generates code for) each model part has, outside the fused
-    computations themselves: where the code generation time of the compile goes."""
-    fused = {m.group(1) for line in hlo_text if " fusion(" in line for m in [_CALLS.search(line)] if m}
-    counts = collections.Counter()
-    computation = None
+def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str, Optional[str]]]:
+    """Instruction name -> (opcode, result shape, JAX op_name, the computation it is in) of every instruction of
+    an HLO text dump."""
+    out, computation = {}, None
     for line in hlo_text:
         header = _COMPUTATION.match(line)
         if header:
             computation = header.group(1)
             continue
         m = _INSTRUCTION.match(line)
-        if m and m.group(3) == "fusion" and computation not in fused:
+        if m:
             op_name = _OP_NAME.search(line)
-            c = classify("fusion", op_name.group(1) if op_name else "")
+            out[m.group(1)] = (m.group(3), m.group(2), op_name.group(1) if op_name else "", computation)
+    return out
+
+
+def kernels_by_part(hlo_text: List[str], instructions: dict, top: int) -> List[dict]:
+    """How many fusions (each one kernel that XLA:CPU generates code for) each model part has, outside the fused
+    computations themselves: where the code generation time of the compile goes."""
+    fused = {m.group(1) for line in hlo_text if " fusion(" in line for m in [_CALLS.search(line)] if m}
+    counts = collections.Counter()
+    for opcode, _, op_name, computation in instructions.values():
+        if opcode == "fusion" and computation not in fused:
+            c = classify("fusion", op_name)
             counts[(c["part"], c["sub_part"])] += 1
     total = sum(counts.values())
     return [{"part": part, "sub_part": sub, "kernels": n, "share": n / total}
@@ -188,7 +186,7 @@ def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
     at_peak = schedule_at(live_lines, position)
     rows = []
     for name, size in entries:
-        opcode, shape, op_name = instructions.get(name, ("?", "?", ""))
+        opcode, shape, op_name, _ = instructions.get(name, ("?", "?", "", None))
         rows.append(dict(classify(opcode, op_name), instruction=name, bytes=size, shape=shape, op_name=op_name))
 
     def table(keys):
@@ -197,14 +195,15 @@ def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
             sums[tuple(row[k] for k in keys)] += row["bytes"]
         return [dict(zip(keys, key), bytes=size) for key, size in sums.most_common(top)]
 
-    peak_op = instructions.get(at_peak or "", ("?", "?", ""))
-    return {"peak_bytes": total if total is not None else sum(r["bytes"] for r in rows),
-            "live_bytes": sum(r["bytes"] for r in rows), "buffers": len(rows),
-            "peak_instruction": at_peak, "peak_op_name": peak_op[2], "peak_classified": classify(*peak_op[::2]),
+    peak_opcode, _, peak_op_name, _ = instructions.get(at_peak or "", ("?", "?", "", None))
+    live = sum(r["bytes"] for r in rows)
+    return {"peak_bytes": total if total is not None else live, "live_bytes": live, "buffers": len(rows),
+            "peak_instruction": at_peak, "peak_op_name": peak_op_name,
+            "peak_classified": classify(peak_opcode, peak_op_name),
             "by_part": table(["part"]), "by_part_and_sub_part": table(["part", "sub_part", "pass"]),
             "by_op": table(["pass", "op"]),
             "largest": sorted(rows, key=lambda r: -r["bytes"])[:top],
-            "kernels_by_part": kernels_by_part(hlo_text, top)}
+            "kernels_by_part": kernels_by_part(hlo_text, instructions, top)}
 
 
 def gib(n: int) -> str:
@@ -218,10 +217,9 @@ def print_report(result: dict) -> None:
     c = result["peak_classified"]
     print(f"the peak is at {result['peak_instruction']}: part {c['part']}, {c['sub_part']}, {c['pass']} pass "
           f"({result['peak_op_name']})")
-    for title, key_names in (("by part", ["part"]), ("by part, sub-part and pass", ["part", "sub_part", "pass"]),
-                             ("by op kind", ["pass", "op"])):
-        key = {"by part": "by_part", "by part, sub-part and pass": "by_part_and_sub_part",
-               "by op kind": "by_op"}[title]
+    for title, key, key_names in (("by part", "by_part", ["part"]),
+                                  ("by part, sub-part and pass", "by_part_and_sub_part", ["part", "sub_part", "pass"]),
+                                  ("by op kind", "by_op", ["pass", "op"])):
         print(f"\n{title}:")
         print(" | ".join(key_names + ["GiB", "share"]))
         for row in result[key]:

@@ -205,23 +205,22 @@ def deform_conv2d(images, offset, weight, bias=None, mask=None, *, stride=(1, 1)
     # Measured on one stage-1 DCN of the 1x6x64x64 train step (10 problems, 96 channels, 16 groups), value and
     # gradient, against the nine unrolled taps: XLA:CPU compiles it in 0.9 s instead of 3.3 s, runs it in 0.96 s
     # instead of 1.31 s and plans 342 MiB of temporaries instead of 1765 MiB (docs/PERFORMANCE.md).
-    # The weights enter the loop broadcast over the batch ([N, K, ...], a few MB), so that the weight gradient of a
+    # The weights enter the loop broadcast over the batch ([K, N, ...], a few MB), so that the weight gradient of a
     # tap stays per sample inside the loop and its sum over the batch (a collective when the batch is sharded over
     # devices) happens once, after the loop.
-    w_batch = jnp.broadcast_to(jnp.moveaxis(w_, -1, 0)[None], (n, taps) + w_.shape[:-1])
+    per_tap = lambda t: jnp.moveaxis(t, -1, 0)  # noqa: E731  [..., K] -> [K, ...]
+    w_batch = jnp.broadcast_to(per_tap(w_)[:, None], (taps, n) + w_.shape[:-1])   # [K, N, wg, cout/wg, cin/wg]
 
     def tap(out, xs):
-        k, by, bx, oy, ox, mk = xs
+        by, bx, oy, ox, mk, wk = xs
         sample = _sample_zeros(grouped, bx[None, None, :, None] + ox, by[None, :, None, None] + oy)
         if mask is not None:
             sample = sample * mk[..., None].astype(sample.dtype)
         sample = sample.reshape(n, ho, wo, weight_groups, cin_per_wgroup)
-        wk = jax.lax.dynamic_index_in_dim(w_batch, k, axis=1, keepdims=False)
         return out + jnp.einsum("nhwgc,ngoc->nhwgo", sample, wk.astype(sample.dtype)), None
 
-    per_tap = lambda t: jnp.moveaxis(t, -1, 0)  # noqa: E731  [..., K] -> [K, ...]
-    xs = (jnp.arange(taps), jnp.asarray(base_y.T, jnp.float32), jnp.asarray(base_x.T, jnp.float32),
-          per_tap(offset_y), per_tap(offset_x), per_tap(mask) if mask is not None else jnp.zeros((taps,), jnp.float32))
+    xs = (jnp.asarray(base_y.T, jnp.float32), jnp.asarray(base_x.T, jnp.float32), per_tap(offset_y),
+          per_tap(offset_x), per_tap(mask) if mask is not None else jnp.zeros((taps,), jnp.float32), w_batch)
     init = jnp.zeros((n, ho, wo, weight_groups, cout // weight_groups), images.dtype)
     out, _ = jax.lax.scan(jax.checkpoint(tap), init, xs)
     out = out.reshape(n, ho, wo, cout)
