@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # the XLA:CPU options of every entry point, before jax starts
+runtime.set_cpu_xla_flags()   # the XLA:CPU options of every entry point, before jax starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -113,9 +113,20 @@ def _flops(compiled):
         return None
 
 
+def _profile_call(fn, argsets, index, folder):
+    """One more call of fn(*argsets(index)) under jax.profiler, written to `folder` (TensorBoard's and Perfetto's
+    formats); returns its seconds (the profiler's overhead included)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*argsets(index)))
+        return time.perf_counter() - start
+
+
 def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     """Lowers and compiles `jitted` on make_args(0), then times `call(compiled, *make_args(i))` (default: the
-    compiled function itself) over warm-up + runs calls."""
+    compiled function itself) over warm-up + runs calls; with --profile_dir, one more call is traced there (into
+    <profile_dir>/<phase>) after the timed ones, so the profiler does not touch the medians."""
     _reset_hwm()
     start = time.perf_counter()
     compiled = jitted.lower(*make_args(0)).compile()
@@ -126,6 +137,9 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
     first, times = _measure(fn, make_args, args.runs, args.warmup)
     run_rss = _proc_status_bytes("VmHWM") if first is not None else None
+    profiled_s = None
+    if args.profile_dir:
+        profiled_s = _profile_call(fn, make_args, args.warmup + args.runs, Path(args.profile_dir) / name)
     flops = _flops(compiled)
     median = statistics.median(times) if times else None   # --runs 0 --warmup 0: compile only
     achieved = flops / median if (flops and median) else None
@@ -134,7 +148,7 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
                 mfu=None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12),
                 xla_memory_bytes=runtime.compiled_memory(compiled), peak_rss_compile_bytes=compile_rss,
                 rss_before_run_bytes=rss_before_run, peak_rss_run_bytes=run_rss,
-                device_peak_bytes=_device_peak_bytes())
+                device_peak_bytes=_device_peak_bytes(), profiled_call_s=profiled_s)
 
 
 def load_config(spec: str, sets):
@@ -205,6 +219,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.runs == 0 and args.warmup > 0:
         parser.error("--runs 0 compiles only: give --warmup 0 as well")
+    if args.profile_dir and args.runs == 0:
+        parser.error(f"--profile_dir {args.profile_dir}: --runs 0 compiles only, there is no call to profile")
     try:
         check_input_shape((args.batch, args.frames, args.height, args.width, 3))
     except ValueError as err:
@@ -250,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jax_default_matmul_precision for float32 matmuls (TF32 on GPUs unless 'highest')")
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--profile_dir", default=None,
+                        help="trace one more call of each phase, after the timed ones, with jax.profiler into "
+                             "DIR/<phase> (TensorBoard / Perfetto; scripts/time_breakdown.py reads it by model part)")
     return parser
 
 

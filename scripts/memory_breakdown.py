@@ -165,7 +165,8 @@ def schedule_at(live_range_text: List[str], position: int) -> Optional[str]:
 
 
 def classify(opcode: str, op_name: str) -> Dict[str, str]:
-    """part, sub-part, pass and op kind of a buffer from its instruction's opcode and JAX name stack."""
+    """part, sub-part, pass and op kind of a buffer from its instruction's opcode and JAX name stack. The part is the
+    innermost part scope (embed/spynet: spynet), the sub-parts are all sub-part scopes, outermost first."""
     if opcode == "parameter":
         return {"part": "(arguments)", "sub_part": "-", "pass": "-", "op": "parameter"}
     tokens = [t for t in re.split(r"[/()]", op_name) if t]
@@ -173,7 +174,7 @@ def classify(opcode: str, op_name: str) -> Dict[str, str]:
     subs = [t for t in tokens if SUB_PART.match(t)]
     direction = "backward" if "transpose(" in op_name else ("forward" if op_name else "-")
     op = tokens[-1] if tokens else opcode
-    return {"part": parts[0] if parts else "(unscoped)", "sub_part": "/".join(dict.fromkeys(subs)) or "-",
+    return {"part": parts[-1] if parts else "(unscoped)", "sub_part": "/".join(dict.fromkeys(subs)) or "-",
             "pass": direction, "op": op}
 
 

@@ -54,6 +54,7 @@ def test_compile_only_mode(bench_script, tmp_path):
     (["--mode", "fwd"], "--mode 'fwd': expected a comma list of forward, train"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
     (["--runs", "0"], "--runs 0 compiles only: give --warmup 0 as well"),
+    (["--profile_dir", "p", "--runs", "0", "--warmup", "0"], "--profile_dir p: --runs 0 compiles only, there is no call"),
     (["--remat", "nope"], "invalid choice: 'nope'"),
     (["--config", "configs/baseline.py:nope"], "unknown variant 'nope'"),
     (["--config", "configs/nope.py"], "--config configs/nope.py: config file configs/nope.py not found"),
