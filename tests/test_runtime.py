@@ -1,5 +1,6 @@
-"""The process-level XLA setting the entry points make (vrtspike_jax/runtime.py): the memory-minimising XLA:CPU
-scheduler on single-device CPU hosts only, never over the user's choice; importing the package changes nothing."""
+"""The process-level XLA settings the entry points make (vrtspike_jax/runtime.py): the memory-minimising XLA:CPU
+scheduler on single-device CPU hosts only, XLA's own reduction kernels on CPU hosts with the measured jaxlib, never
+over the user's choice; importing the package changes nothing."""
 import os
 import subprocess
 import sys
@@ -26,9 +27,43 @@ def test_memory_scheduler_flag_only_where_safe(monkeypatch, flags, platforms, ke
         monkeypatch.delenv("VRTSPIKE_KEEP_XLA_FLAGS", raising=False)
     else:
         monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
-    assert runtime.prefer_memory_scheduler_on_cpu() is added
+    assert (runtime.CPU_SCHEDULER_FLAG in runtime.set_cpu_xla_flags()) is added
     assert (runtime.CPU_SCHEDULER_FLAG in os.environ["XLA_FLAGS"].split()) is added
     assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())  # nothing of the user's removed
+
+
+@pytest.mark.parametrize("flags, platforms, keep, jaxlib, added", [
+    ("", "cpu", None, "0.10.2", True),
+    ("--xla_force_host_platform_device_count=8", "cpu", None, "0.10.2", True),  # no collective is involved
+    ("", "cuda", None, "0.10.2", False),                                        # accelerator host
+    ("", "cpu", None, "0.11.0", False),                                         # not measured: the flag may be gone
+    ("--xla_cpu_experimental_ynn_fusion_type=-dot", "cpu", None, "0.10.2", False),  # the user's own choice
+    ("", "cpu", "1", "0.10.2", False),                                          # opt-out
+])
+def test_reduce_kernel_flag_only_on_the_measured_jaxlib(monkeypatch, flags, platforms, keep, jaxlib, added):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    monkeypatch.setattr(runtime, "jaxlib_version", lambda: jaxlib)
+    if keep is None:
+        monkeypatch.delenv("VRTSPIKE_KEEP_XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
+    assert (runtime.CPU_REDUCE_FLAG in runtime.set_cpu_xla_flags()) is added
+    assert (runtime.CPU_REDUCE_FLAG in os.environ["XLA_FLAGS"].split()) is added
+    assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())
+
+
+def test_the_reduce_flag_is_one_this_xla_accepts():
+    """XLA refuses to start on a flag it does not know: a process with CPU_REDUCE_FLAG runs and reduces right."""
+    if not runtime.jaxlib_version().startswith(runtime.REDUCE_FLAG_JAXLIB):
+        pytest.skip(f"jaxlib {runtime.jaxlib_version()}: the entry points do not set the flag on it")
+    probe = ("import jax, jax.numpy as jnp, numpy as np; x = np.arange(64 * 96 * 96, dtype=np.float32)"
+             ".reshape(64, 96, 96) / 1e4; print(float(np.abs(jax.jit(lambda a: jnp.sum(a, 0))(x) - x.sum(0)).max()))")
+    env = testing.subprocess_env()
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {runtime.CPU_REDUCE_FLAG}"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1e-3
 
 
 def test_multi_device_subprocesses_do_not_inherit_the_scheduler_flag(monkeypatch):
@@ -54,3 +89,4 @@ def test_importing_the_package_changes_no_process_setting():
                          cwd=testing.REPO_ROOT)
     assert run.returncode == 0 and runtime.CPU_SCHEDULER_FLAG in run.stdout.strip().splitlines()[-1], \
         run.stdout + run.stderr
+    assert runtime.CPU_REDUCE_FLAG in run.stdout.strip().splitlines()[-1]
