@@ -2,9 +2,11 @@ r"""Where the train step's time goes: one profiled call of the step, by model pa
 
     python scripts/time_breakdown.py --config configs/baseline.py:vrt_only --frames 6 --height 64 --width 64
     python scripts/time_breakdown.py --config configs/baseline.py:tiny --json runs/time_tiny.json
+    python scripts/time_breakdown.py --phase forward --config configs/baseline.py:vrt_only --frames 6
 
-It runs the step `scripts/benchmark.py` times (the step training runs) with every argument after the script's own
-passed to benchmark.py (`--mode train`; `--runs 1 --warmup 1` unless given), and asks benchmark.py to trace one
+It runs the step `scripts/benchmark.py` times (the step training runs; `--phase forward`: the inference call) with
+every argument after the script's own passed to benchmark.py (`--mode <phase>`; `--runs 1 --warmup 1` unless
+given), and asks benchmark.py to trace one
 more call with jax.profiler (`--profile_dir`) while XLA dumps that program's optimised HLO. XLA:CPU writes a trace
 event per executed HLO instruction when `--xla_cpu_enable_xprof_traceme=true` (this script sets it; it costs a
 little time, and the traced call is not one of the timed ones). Each event names its instruction; the instruction
@@ -40,12 +42,13 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_breakdown import (_INSTRUCTION, BENCHMARK, MODULE, BreakdownError, classify,  # noqa: E402
-                              dump_flags, find_dump_file, read_instructions)
+                              find_dump_file, read_instructions)
 
 from vrtspike_jax import cli  # noqa: E402   argparse only: the step runs in benchmark.py's process
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 _OPERAND = re.compile(r"%([\w.\-]+)")
+PHASE_MODULES = {"train": MODULE, "forward": "jit_forward"}   # benchmark.py's phase -> its jitted function
 # Heaviest first: a fusion's kernel kind is the first of these its fused computation contains.
 KERNEL_KINDS = (("convolution", "convolution"), ("dot", "dot"), ("scatter", "scatter"), ("gather", "gather"),
                 ("reduce-window", "reduce-window"), ("select-and-scatter", "reduce-window"), ("reduce", "reduce"),
@@ -58,6 +61,8 @@ KERNEL_KINDS = (("convolution", "convolution"), ("dot", "dot"), ("scatter", "sca
 def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", default="train", choices=list(PHASE_MODULES),
+                        help="the train step (default) or the forward pass (benchmark.py's phases)")
     parser.add_argument("--top", type=int, default=12, help="rows of each table (default 12)")
     parser.add_argument("--json", default=None, help="write the breakdown here")
     parser.add_argument("--keep", default=None, help="keep the trace and XLA's dump in this folder")
@@ -73,13 +78,14 @@ def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     return args, rest
 
 
-def run_profiled(benchmark_args: List[str], folder: Path) -> dict:
-    """Runs benchmark.py's train phase with the HLO dump, the per-instruction trace events and one profiled call;
+def run_profiled(benchmark_args: List[str], folder: Path, phase: str = "train") -> dict:
+    """Runs benchmark.py's `phase` with the HLO dump, the per-instruction trace events and one profiled call;
     returns its JSON report."""
     report = folder / "benchmark.json"
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump_flags(folder / 'xla_dump')} {TRACE_FLAG}".strip()
-    command = [sys.executable, str(BENCHMARK), *benchmark_args, "--mode", "train",
+    dump = f"--xla_dump_to={folder / 'xla_dump'} --xla_dump_hlo_module_re={PHASE_MODULES[phase]}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump} {TRACE_FLAG}".strip()
+    command = [sys.executable, str(BENCHMARK), *benchmark_args, "--mode", phase,
                "--profile_dir", str(folder / "trace"), "--json", str(report)]
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
@@ -234,15 +240,16 @@ def main(argv=None) -> int:
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vrtspike-profile-"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        report = run_profiled(benchmark_args, folder)
-        result = breakdown(folder / "trace" / "train", folder / "xla_dump", args.top)
+        report = run_profiled(benchmark_args, folder, args.phase)
+        result = breakdown(folder / "trace" / args.phase, folder / "xla_dump", args.top, PHASE_MODULES[args.phase])
     except BreakdownError as exc:
         print(f"error: time_breakdown.py: {exc}", file=sys.stderr)
         return 1
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    train = next((p for p in report.get("results", []) if p.get("phase") == "train"), {})
+    train = next((p for p in report.get("results", []) if p.get("phase") == args.phase), {})
+    result["phase"] = args.phase
     result["benchmark"] = {k: train.get(k) for k in ("compile_s", "median_s", "times_s", "profiled_call_s", "flops")}
     result["benchmark_args"] = benchmark_args
     print()
