@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from vrtspike_jax import cli   # argparse only: the compile runs in benchmark.py's process
 
@@ -236,30 +236,41 @@ def print_report(result: dict) -> None:
               f"{row['op']} | {row['instruction']}")
 
 
-def main(argv=None) -> int:
-    args, benchmark_args = split_args(sys.argv[1:] if argv is None else argv)
-    folder = Path(args.keep_dump) if args.keep_dump else Path(tempfile.mkdtemp(prefix="vrtspike-xla-dump-"))
+def run_breakdown(script: str, keep: Optional[str], prefix: str, phase: str,
+                  work: Callable[[Path], Tuple[dict, dict]], summarize: Callable[[dict], dict],
+                  benchmark_args: List[str], report: Callable[[dict], None], json_path: Optional[str]) -> int:
+    """The common run of the breakdown scripts: work(folder) -> (benchmark.py's JSON report, the breakdown) in a
+    scratch folder (kept when `keep` names one), a one-line error naming `script` for a BreakdownError, then the
+    breakdown with summarize(the report's `phase` result) printed by `report` and written to `json_path`."""
+    folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        report = compile_with_dump(benchmark_args, folder)
-        result = breakdown(folder, args.top)
+        bench, result = work(folder)
     except BreakdownError as exc:
-        print(f"error: memory_breakdown.py: {exc}", file=sys.stderr)
+        print(f"error: {script}: {exc}", file=sys.stderr)
         return 1
     finally:
-        if not args.keep_dump:
+        if not keep:
             shutil.rmtree(folder, ignore_errors=True)
-    train = next((p for p in report.get("results", []) if p.get("phase") == "train"), {})
-    result["benchmark"] = {"compile_s": train.get("compile_s"), "flops": train.get("flops"),
-                           **(train.get("xla_memory_bytes") or {})}
-    result["benchmark_args"] = benchmark_args
+    measured = next((r for r in bench.get("results", []) if r.get("phase") == phase), {})
+    result.update(phase=phase, benchmark=summarize(measured), benchmark_args=benchmark_args)
     print()
-    print_report(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
+    report(result)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {json_path}")
     return 0
+
+
+def main(argv=None) -> int:
+    args, benchmark_args = split_args(sys.argv[1:] if argv is None else argv)
+    return run_breakdown(
+        Path(__file__).name, args.keep_dump, "vrtspike-xla-dump-", "train",
+        lambda folder: (compile_with_dump(benchmark_args, folder), breakdown(folder, args.top)),
+        lambda train: {"compile_s": train.get("compile_s"), "flops": train.get("flops"),
+                       **(train.get("xla_memory_bytes") or {})},
+        benchmark_args, print_report, args.json)
 
 
 if __name__ == "__main__":

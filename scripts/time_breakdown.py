@@ -33,16 +33,14 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_breakdown import (_INSTRUCTION, BENCHMARK, MODULE, BreakdownError, classify,  # noqa: E402
-                              find_dump_file, read_instructions)
+                              find_dump_file, read_instructions, run_breakdown)
 
 from vrtspike_jax import cli  # noqa: E402   argparse only: the step runs in benchmark.py's process
 
@@ -237,28 +235,13 @@ def print_report(result: dict) -> None:
 
 def main(argv=None) -> int:
     args, benchmark_args = split_args(sys.argv[1:] if argv is None else argv)
-    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vrtspike-profile-"))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        report = run_profiled(benchmark_args, folder, args.phase)
-        result = breakdown(folder / "trace" / args.phase, folder / "xla_dump", args.top, PHASE_MODULES[args.phase])
-    except BreakdownError as exc:
-        print(f"error: time_breakdown.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
-    train = next((p for p in report.get("results", []) if p.get("phase") == args.phase), {})
-    result["phase"] = args.phase
-    result["benchmark"] = {k: train.get(k) for k in ("compile_s", "median_s", "times_s", "profiled_call_s", "flops")}
-    result["benchmark_args"] = benchmark_args
-    print()
-    print_report(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
-    return 0
+    module = PHASE_MODULES[args.phase]
+    return run_breakdown(
+        Path(__file__).name, args.keep, "vrtspike-profile-", args.phase,
+        lambda folder: (run_profiled(benchmark_args, folder, args.phase),
+                        breakdown(folder / "trace" / args.phase, folder / "xla_dump", args.top, module)),
+        lambda measured: {k: measured.get(k) for k in ("compile_s", "median_s", "times_s", "profiled_call_s", "flops")},
+        benchmark_args, print_report, args.json)
 
 
 if __name__ == "__main__":

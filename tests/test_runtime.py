@@ -11,6 +11,16 @@ from vrtspike_jax import runtime
 import helpers as testing
 
 
+def _host(monkeypatch, flags, platforms, keep):
+    """A process environment: XLA_FLAGS, JAX_PLATFORMS and VRTSPIKE_KEEP_XLA_FLAGS (None: unset)."""
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    if keep is None:
+        monkeypatch.delenv("VRTSPIKE_KEEP_XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
+
+
 @pytest.mark.parametrize("flags, platforms, keep, added", [
     ("", "cpu", None, True),
     ("--xla_backend_optimization_level=0", "cpu", None, True),
@@ -21,12 +31,7 @@ import helpers as testing
     ("", "cpu", "1", False),                                                      # opt-out
 ])
 def test_memory_scheduler_flag_only_where_safe(monkeypatch, flags, platforms, keep, added):
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    monkeypatch.setenv("JAX_PLATFORMS", platforms)
-    if keep is None:
-        monkeypatch.delenv("VRTSPIKE_KEEP_XLA_FLAGS", raising=False)
-    else:
-        monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
+    _host(monkeypatch, flags, platforms, keep)
     assert (runtime.CPU_SCHEDULER_FLAG in runtime.set_cpu_xla_flags()) is added
     assert (runtime.CPU_SCHEDULER_FLAG in os.environ["XLA_FLAGS"].split()) is added
     assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())  # nothing of the user's removed
@@ -41,13 +46,8 @@ def test_memory_scheduler_flag_only_where_safe(monkeypatch, flags, platforms, ke
     ("", "cpu", "1", "0.10.2", False),                                          # opt-out
 ])
 def test_reduce_kernel_flag_only_on_the_measured_jaxlib(monkeypatch, flags, platforms, keep, jaxlib, added):
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    _host(monkeypatch, flags, platforms, keep)
     monkeypatch.setattr(runtime, "jaxlib_version", lambda: jaxlib)
-    if keep is None:
-        monkeypatch.delenv("VRTSPIKE_KEEP_XLA_FLAGS", raising=False)
-    else:
-        monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
     assert (runtime.CPU_REDUCE_FLAG in runtime.set_cpu_xla_flags()) is added
     assert (runtime.CPU_REDUCE_FLAG in os.environ["XLA_FLAGS"].split()) is added
     assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())
