@@ -146,7 +146,8 @@ def test_gradients_finite_and_match_finite_differences():
     assert all(np.all(np.isfinite(np.asarray(g[...]))) for g in flat.values())
     # The central differences take the loss of the model's float32 output in float64: a float32 mean over the
     # 24,576 outputs rounds by ~1e-8, up to 1 % of some probes' loss differences, and how it rounds depends on the
-    # reduction kernel XLA picks (YNNPACK's or XLA's own, runtime.CPU_REDUCE_FLAG). The analytic gradient is JAX's.
+    # reduction kernel XLA picks (YNNPACK's, or XLA's own with runtime.CPU_REDUCE_FLAG: there the float32 loss
+    # failed this check). The analytic gradient is JAX's.
     output_jit = nnx.jit(lambda m: m(frames))
     target64 = np.asarray(target, np.float64)
 
@@ -178,3 +179,26 @@ def test_gradients_finite_and_match_finite_differences():
         var[...] = jnp.asarray(base)
         numeric = (values[0] - values[1]) / (2 * eps)
         assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-7, (path, numeric, analytic)
+
+
+@pytest.mark.parametrize("logits_shape", [(7, 4, 16, 16), (7, 16, 16)])
+def test_the_window_bias_add_has_the_gradient_of_the_plain_add(logits_shape):
+    """attention.add_window_bias writes out its gradient (a matrix-vector product for the bias's sum over
+    windows): value and both gradients equal those of `logits + bias[None]`, for the per-head and the all-heads
+    layouts."""
+    from vrtspike_jax.models.vrt.attention import add_window_bias
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal(logits_shape), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(logits_shape[1:]), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(logits_shape), jnp.float32)
+
+    def loss(add, l, b):
+        return jnp.sum(jnp.tanh(add(l, b)) * weight)
+
+    plain = jax.jit(jax.value_and_grad(lambda l, b: loss(lambda x, y: x + y[None], l, b), argnums=(0, 1)))(logits, bias)
+    ours = jax.jit(jax.value_and_grad(lambda l, b: loss(add_window_bias, l, b), argnums=(0, 1)))(logits, bias)
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+    np.testing.assert_array_equal(ours[1][0], plain[1][0])   # the logits' gradient passes through unchanged
+    np.testing.assert_allclose(ours[1][1], plain[1][1], rtol=1e-5, atol=1e-6)
+    assert ours[1][1].shape == bias.shape and ours[1][1].dtype == bias.dtype

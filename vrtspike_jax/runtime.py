@@ -5,8 +5,7 @@ training logs it, the benchmark reports it, the restorer checks a window against
 
 XLA settings: the entry points (main.py, scripts/*.py, the tests' conftest) make first thing,
 before jax starts: `set_cpu_xla_flags()`. Importing `vrtspike_jax` does not; a library user who wants
-the same behaviour calls it before the first jax computation. It adds two XLA:CPU flags, each only where the user
-set nothing for it: the memory-minimising scheduler, and plain XLA kernels for reductions.
+the same behaviour calls it before the first jax computation.
 
 On CPU-only hosts, XLA's default concurrency-optimised scheduler keeps the buffers of independent branches
 alive together. For VRT that costs a lot of memory: the official deblurring model's forward pass at
@@ -19,17 +18,15 @@ devices (`--xla_force_host_platform_device_count=N`, N > 1): there the memory-mi
 in-process collectives of parameter-sharded (fsdp) train steps (observed with jax 0.10.2: 8 fake devices, data=2 x
 fsdp=4, every thread asleep in the first step; the default scheduler runs the same step in about a minute).
 
-Reductions: XLA:CPU of jaxlib 0.10 hands reductions to YNNPACK fusions, and in VRT's step those are slow (the
-relative-position-bias gradient, a sum of [windows, N, N] over the windows, ran at about 2 GB/s; in the profile
-of `scripts/time_breakdown.py`, 17 % of the 1x6x64x64 train step were such reductions). With
-CPU_REDUCE_FLAG XLA emits them itself, and leaves YNNPACK the matmuls, convolutions and elementwise fusions:
-the step took 23.2 s instead of 28.1 s and the forward pass 4.3 s instead of 5.0 s (docs/PERFORMANCE.md). The
-flag is experimental in XLA (an XLA without it would refuse to start), so it is set for the jaxlib versions it
-was measured on only (REDUCE_FLAG_JAXLIB), on hosts without accelerators, whatever the CPU device count.
+Not set by default: CPU_REDUCE_FLAG, XLA's own kernels for reductions instead of YNNPACK's. It made the
+1x6x64x64 plain-VRT train step 17 % faster on this project's 2-core CPU (28.1 -> 23.2 s, docs/PERFORMANCE.md),
+but XLA's reductions round more: a float32 sum over 49,152 rows (a bias gradient's sum at batch 2 x 6 frames x
+64x64) is off by 3.4e-6 relative instead of 1.3e-7, and a two-process run then matches the one-process run only
+to 2e-5 after one step instead of 1e-6. Add it to XLA_FLAGS yourself where speed matters more than that on a CPU
+host (jaxlib 0.10 knows it; an XLA without the option refuses to start).
 """
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -37,8 +34,7 @@ from pathlib import Path
 from typing import List
 
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-CPU_REDUCE_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
-REDUCE_FLAG_JAXLIB = ("0.10.",)   # jaxlib version prefixes CPU_REDUCE_FLAG was measured on
+CPU_REDUCE_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"   # opt-in only (see the module docstring)
 
 
 def has_accelerator() -> bool:
@@ -55,29 +51,17 @@ def forced_cpu_device_count(flags: str) -> int:
     return int(counts[-1]) if counts else 1
 
 
-def jaxlib_version() -> str:
-    """The installed jaxlib's version ("" when not found), read without importing it."""
-    try:
-        return importlib.metadata.version("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
 def set_cpu_xla_flags() -> List[str]:
     """Adds the XLA:CPU flags of the entry points to XLA_FLAGS (see the module docstring): CPU_SCHEDULER_FLAG on
-    CPU-only hosts with one CPU device, CPU_REDUCE_FLAG on CPU-only hosts with a jaxlib of REDUCE_FLAG_JAXLIB; neither
-    where the user's XLA_FLAGS already set that option, or with VRTSPIKE_KEEP_XLA_FLAGS=1. Returns the flags added."""
+    CPU-only hosts with one CPU device, unless the user's XLA_FLAGS already set that option or
+    VRTSPIKE_KEEP_XLA_FLAGS=1. Returns the flags added."""
     flags = os.environ.get("XLA_FLAGS", "")
     if os.environ.get("VRTSPIKE_KEEP_XLA_FLAGS") == "1" or has_accelerator():
         return []
-    added = []
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags and forced_cpu_device_count(flags) <= 1:
-        added.append(CPU_SCHEDULER_FLAG)
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags and jaxlib_version().startswith(REDUCE_FLAG_JAXLIB):
-        added.append(CPU_REDUCE_FLAG)
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([flags] + added).strip()
-    return added
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags or forced_cpu_device_count(flags) > 1:
+        return []
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+    return [CPU_SCHEDULER_FLAG]
 
 
 MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
