@@ -54,19 +54,32 @@ class BreakdownError(Exception):
     """A failure with a one-line message."""
 
 
-def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,
+def breakdown_parser(script: str, doc: str, keep_flag: str, keep_help: str) -> argparse.ArgumentParser:
+    """The flags of the breakdown scripts (--top, --json and the keep flag); the rest goes to benchmark.py."""
+    parser = cli.ArgumentParser(prog=Path(script).name, description=doc, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top", type=int, default=12, help="rows of each table (default 12)")
     parser.add_argument("--json", default=None, help="write the breakdown here")
-    parser.add_argument("--keep_dump", default=None, help="keep XLA's dump in this folder")
+    parser.add_argument(keep_flag, default=None, help=keep_help)
+    return parser
+
+
+def parse_breakdown_args(parser: argparse.ArgumentParser, argv: List[str], owned: Tuple[str, ...],
+                         why: str) -> Tuple[argparse.Namespace, List[str]]:
+    """(the script's own flags, benchmark.py's); one-line errors for --top < 1 and for a benchmark flag the script
+    sets itself (`owned`, `why` it does)."""
     args, rest = parser.parse_known_args(argv)
     if args.top < 1:
         parser.error(f"--top {args.top}: must be at least 1")
-    for flag in ("--mode", "--runs", "--warmup"):
+    for flag in owned:
         if any(a == flag or a.startswith(flag + "=") for a in rest):
-            parser.error(f"{flag} is set by this script (it compiles the train step only)")
+            parser.error(f"{flag} is set by this script ({why})")
     return args, rest
+
+
+def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
+    parser = breakdown_parser(__file__, __doc__, "--keep_dump", "keep XLA's dump in this folder")
+    return parse_breakdown_args(parser, argv, ("--mode", "--runs", "--warmup"), "it compiles the train step only")
 
 
 def dump_flags(folder: Path) -> str:

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_breakdown import (_INSTRUCTION, BENCHMARK, MODULE, BreakdownError, classify,  # noqa: E402
-                              find_dump_file, read_instructions, run_breakdown)
+from memory_breakdown import (_INSTRUCTION, BENCHMARK, MODULE, BreakdownError, breakdown_parser,  # noqa: E402
+                              classify, find_dump_file, parse_breakdown_args, read_instructions, run_breakdown)
 
-from vrtspike_jax import cli  # noqa: E402   argparse only: the step runs in benchmark.py's process
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 _OPERAND = re.compile(r"%([\w.\-]+)")
@@ -57,19 +56,10 @@ KERNEL_KINDS = (("convolution", "convolution"), ("dot", "dot"), ("scatter", "sca
 
 
 def split_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = cli.ArgumentParser(prog=Path(__file__).name, description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = breakdown_parser(__file__, __doc__, "--keep", "keep the trace and XLA's dump in this folder")
     parser.add_argument("--phase", default="train", choices=list(PHASE_MODULES),
                         help="the train step (default) or the forward pass (benchmark.py's phases)")
-    parser.add_argument("--top", type=int, default=12, help="rows of each table (default 12)")
-    parser.add_argument("--json", default=None, help="write the breakdown here")
-    parser.add_argument("--keep", default=None, help="keep the trace and XLA's dump in this folder")
-    args, rest = parser.parse_known_args(argv)
-    if args.top < 1:
-        parser.error(f"--top {args.top}: must be at least 1")
-    for flag in ("--mode", "--profile_dir"):
-        if any(a == flag or a.startswith(flag + "=") for a in rest):
-            parser.error(f"{flag} is set by this script (it profiles the train step)")
+    args, rest = parse_breakdown_args(parser, argv, ("--mode", "--profile_dir"), "it profiles the --phase")
     for flag in ("--runs", "--warmup"):
         if not any(a == flag or a.startswith(flag + "=") for a in rest):
             rest += [flag, "1"]
