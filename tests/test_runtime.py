@@ -35,6 +35,8 @@ def test_memory_scheduler_flag_only_where_safe(monkeypatch, flags, platforms, ke
     assert (runtime.CPU_SCHEDULER_FLAG in runtime.set_cpu_xla_flags()) is added
     assert (runtime.CPU_SCHEDULER_FLAG in os.environ["XLA_FLAGS"].split()) is added
     assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())  # nothing of the user's removed
+    _host(monkeypatch, flags, platforms, keep)
+    assert runtime.prefer_memory_scheduler_on_cpu() is added   # the former name does the same
 
 
 def test_the_reduce_flag_is_one_this_xla_accepts():

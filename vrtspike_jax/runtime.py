@@ -64,6 +64,11 @@ def set_cpu_xla_flags() -> List[str]:
     return [CPU_SCHEDULER_FLAG]
 
 
+def prefer_memory_scheduler_on_cpu() -> bool:
+    """The former name of `set_cpu_xla_flags` (until 2026-11-30): whether it added the scheduler flag."""
+    return CPU_SCHEDULER_FLAG in set_cpu_xla_flags()
+
+
 MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
 
 
