@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vrtspike_jax import runtime
 
-runtime.set_cpu_xla_flags()   # the XLA:CPU options of every entry point, before jax starts
+runtime.prefer_memory_scheduler_on_cpu()   # the XLA:CPU options of every entry point, before jax starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

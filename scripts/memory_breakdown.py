@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from vrtspike_jax import cli   # argparse only: the compile runs in benchmark.py's process
 
@@ -110,11 +110,24 @@ def find_dump_file(folder: Path, suffix: str, module: str = MODULE) -> Path:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 
 
-def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str, Optional[str]]]:
-    """Instruction name -> (opcode, result shape, JAX op_name, the computation it is in) of every instruction of
-    an HLO text dump."""
+class Instruction(NamedTuple):
+    """One instruction of an HLO text dump."""
+    opcode: str
+    shape: str                     # the result shape
+    op_name: str                   # the JAX name stack ("" when XLA left none)
+    computation: Optional[str]     # the computation it is in
+    operands: Tuple[str, ...]
+    calls: Optional[str]           # the computation a fusion calls
+
+
+UNKNOWN = Instruction("?", "?", "", None, (), None)
+
+
+def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Instruction]:
+    """Instruction name -> Instruction, for every instruction of an HLO text dump."""
     out, computation = {}, None
     for line in hlo_text:
         header = _COMPUTATION.match(line)
@@ -124,18 +137,21 @@ def read_instructions(hlo_text: Iterable[str]) -> Dict[str, Tuple[str, str, str,
         m = _INSTRUCTION.match(line)
         if m:
             op_name = _OP_NAME.search(line)
-            out[m.group(1)] = (m.group(3), m.group(2), op_name.group(1) if op_name else "", computation)
+            calls = _CALLS.search(line) if m.group(3) == "fusion" else None
+            out[m.group(1)] = Instruction(m.group(3), m.group(2), op_name.group(1) if op_name else "", computation,
+                                          tuple(_OPERAND.findall(line[m.end():].split("), ", 1)[0])),
+                                          calls.group(1) if calls else None)
     return out
 
 
-def kernels_by_part(hlo_text: List[str], instructions: dict, top: int) -> List[dict]:
+def kernels_by_part(instructions: Dict[str, Instruction], top: int) -> List[dict]:
     """How many fusions (each one kernel that XLA:CPU generates code for) each model part has, outside the fused
     computations themselves: where the code generation time of the compile goes."""
-    fused = {m.group(1) for line in hlo_text if " fusion(" in line for m in [_CALLS.search(line)] if m}
+    fused = {i.calls for i in instructions.values() if i.calls}
     counts = collections.Counter()
-    for opcode, _, op_name, computation in instructions.values():
-        if opcode == "fusion" and computation not in fused:
-            c = classify("fusion", op_name)
+    for i in instructions.values():
+        if i.opcode == "fusion" and i.computation not in fused:
+            c = classify("fusion", i.op_name)
             counts[(c["part"], c["sub_part"])] += 1
     total = sum(counts.values())
     return [{"part": part, "sub_part": sub, "kernels": n, "share": n / total}
@@ -193,15 +209,14 @@ def classify(opcode: str, op_name: str) -> Dict[str, str]:
 
 def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
     """The breakdown of the peak of XLA's dump of `module` in `folder` (see the module docstring)."""
-    hlo_text = find_dump_file(folder, ".txt", module).read_text().splitlines()
-    instructions = read_instructions(hlo_text)
+    instructions = read_instructions(find_dump_file(folder, ".txt", module).read_text().splitlines())
     live_lines = find_dump_file(folder, "-live-range.txt", module).read_text().splitlines()
     position, entries, total = read_peak(live_lines)
     at_peak = schedule_at(live_lines, position)
     rows = []
     for name, size in entries:
-        opcode, shape, op_name, _ = instructions.get(name, ("?", "?", "", None))
-        rows.append(dict(classify(opcode, op_name), instruction=name, bytes=size, shape=shape, op_name=op_name))
+        i = instructions.get(name, UNKNOWN)
+        rows.append(dict(classify(i.opcode, i.op_name), instruction=name, bytes=size, shape=i.shape, op_name=i.op_name))
 
     def table(keys):
         sums = collections.Counter()
@@ -209,15 +224,15 @@ def breakdown(folder: Path, top: int, module: str = MODULE) -> dict:
             sums[tuple(row[k] for k in keys)] += row["bytes"]
         return [dict(zip(keys, key), bytes=size) for key, size in sums.most_common(top)]
 
-    peak_opcode, _, peak_op_name, _ = instructions.get(at_peak or "", ("?", "?", "", None))
+    peak = instructions.get(at_peak or "", UNKNOWN)
     live = sum(r["bytes"] for r in rows)
     return {"peak_bytes": total if total is not None else live, "live_bytes": live, "buffers": len(rows),
-            "peak_instruction": at_peak, "peak_op_name": peak_op_name,
-            "peak_classified": classify(peak_opcode, peak_op_name),
+            "peak_instruction": at_peak, "peak_op_name": peak.op_name,
+            "peak_classified": classify(peak.opcode, peak.op_name),
             "by_part": table(["part"]), "by_part_and_sub_part": table(["part", "sub_part", "pass"]),
             "by_op": table(["pass", "op"]),
             "largest": sorted(rows, key=lambda r: -r["bytes"])[:top],
-            "kernels_by_part": kernels_by_part(hlo_text, instructions, top)}
+            "kernels_by_part": kernels_by_part(instructions, top)}
 
 
 def gib(n: int) -> str:

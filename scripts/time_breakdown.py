@@ -32,19 +32,18 @@ import glob
 import gzip
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_breakdown import (_INSTRUCTION, BENCHMARK, MODULE, BreakdownError, breakdown_parser,  # noqa: E402
-                              classify, find_dump_file, parse_breakdown_args, read_instructions, run_breakdown)
+from memory_breakdown import (BENCHMARK, MODULE, UNKNOWN, BreakdownError, Instruction,  # noqa: E402
+                              breakdown_parser, classify, find_dump_file, parse_breakdown_args, read_instructions,
+                              run_breakdown)
 
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-_OPERAND = re.compile(r"%([\w.\-]+)")
 PHASE_MODULES = {"train": MODULE, "forward": "jit_forward"}   # benchmark.py's phase -> its jitted function
 # Heaviest first: a fusion's kernel kind is the first of these its fused computation contains.
 KERNEL_KINDS = (("convolution", "convolution"), ("dot", "dot"), ("scatter", "scatter"), ("gather", "gather"),
@@ -124,31 +123,21 @@ def self_times(events: List[Tuple[object, float, float, str]]) -> Dict[str, floa
     return dict(totals)
 
 
-def kernel_kinds(hlo_text: List[str], instructions: dict) -> Dict[str, Tuple[str, str]]:
+def kernel_kinds(instructions: Dict[str, Instruction]) -> Dict[str, Tuple[str, str]]:
     """Instruction -> (kernel kind, JAX name stack). The kind of a fusion is the heaviest opcode in its fused
     computation. The name stack is the instruction's own or, where XLA's rewrites left it without one (a weight
     gradient's convolution, for one), that of the heaviest fused instruction, else that of the nearest operands
     that have one (up to four steps back)."""
     members = collections.defaultdict(list)
-    for opcode, _, op_name, computation in instructions.values():
-        members[computation].append((opcode, op_name))
-    called, operands = {}, {}
-    for line in hlo_text:
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name = m.group(1)
-        args = line[m.end():].split("), ", 1)[0]
-        operands[name] = _OPERAND.findall(args)
-        if m.group(3) == "fusion" and "calls=%" in line:
-            called[name] = _OPERAND.search(line.split("calls=", 1)[1]).group(1)
+    for i in instructions.values():
+        members[i.computation].append((i.opcode, i.op_name))
 
     def rank(opcode):
         return next((i for i, (op, _) in enumerate(KERNEL_KINDS) if op == opcode), len(KERNEL_KINDS))
 
     kinds, names = {}, {}
-    for name, (opcode, _, op_name, _) in instructions.items():
-        inside = members.get(called.get(name), []) if opcode == "fusion" else [(opcode, op_name)]
+    for name, (opcode, _, op_name, _, _, calls) in instructions.items():
+        inside = members.get(calls, []) if opcode == "fusion" else [(opcode, op_name)]
         best = min(range(len(inside)), key=lambda i: (rank(inside[i][0]), not inside[i][1]), default=None)
         r = rank(inside[best][0]) if best is not None else len(KERNEL_KINDS)
         kinds[name] = KERNEL_KINDS[r][1] if r < len(KERNEL_KINDS) else "elementwise"
@@ -159,9 +148,9 @@ def kernel_kinds(hlo_text: List[str], instructions: dict) -> Dict[str, Tuple[str
     def through_operands(name):
         frontier, seen = [name], {name}
         for _ in range(4):
-            frontier = [o for n in frontier for o in operands.get(n, []) if o not in seen and o in names]
+            frontier = [o for n in frontier for o in instructions[n].operands if o not in seen and o in names]
             seen.update(frontier)
-            found = [names[o] for o in frontier if names[o] and instructions[o][0] != "parameter"]
+            found = [names[o] for o in frontier if names[o] and instructions[o].opcode != "parameter"]
             # An instruction that takes a cotangent is backward work (a weight gradient takes activations too).
             found = [n for n in found if "transpose(" in n] or found
             if found:
@@ -173,15 +162,14 @@ def kernel_kinds(hlo_text: List[str], instructions: dict) -> Dict[str, Tuple[str
 
 def breakdown(trace_folder: Path, dump_folder: Path, top: int, module: str = MODULE) -> dict:
     """The time breakdown of the traced call of `module` (see the module docstring)."""
-    hlo_text = find_dump_file(dump_folder, ".txt", module).read_text().splitlines()
-    instructions = read_instructions(hlo_text)
-    kinds = kernel_kinds(hlo_text, instructions)
+    instructions = read_instructions(find_dump_file(dump_folder, ".txt", module).read_text().splitlines())
+    kinds = kernel_kinds(instructions)
     times = self_times(read_trace(trace_folder, module))
     rows = []
     for name, us in times.items():
-        opcode, shape, _, _ = instructions.get(name, ("?", "?", "", None))
+        i = instructions.get(name, UNKNOWN)
         kind, op_name = kinds.get(name, ("?", ""))
-        row = dict(classify(opcode, op_name), instruction=name, seconds=us / 1e6, shape=shape, op_name=op_name,
+        row = dict(classify(i.opcode, op_name), instruction=name, seconds=us / 1e6, shape=i.shape, op_name=op_name,
                    kernel=kind)
         row["inner_sub_part"] = row["sub_part"].split("/")[-1]
         rows.append(row)

@@ -4,8 +4,8 @@
 training logs it, the benchmark reports it, the restorer checks a window against free memory).
 
 XLA settings: the entry points (main.py, scripts/*.py, the tests' conftest) make first thing,
-before jax starts: `set_cpu_xla_flags()`. Importing `vrtspike_jax` does not; a library user who wants
-the same behaviour calls it before the first jax computation.
+before jax starts: `prefer_memory_scheduler_on_cpu()`. Importing `vrtspike_jax` does not; a library user who wants
+the same memory behaviour calls it before the first jax computation.
 
 On CPU-only hosts, XLA's default concurrency-optimised scheduler keeps the buffers of independent branches
 alive together. For VRT that costs a lot of memory: the official deblurring model's forward pass at
@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import List
 
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 CPU_REDUCE_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"   # opt-in only (see the module docstring)
@@ -51,22 +50,16 @@ def forced_cpu_device_count(flags: str) -> int:
     return int(counts[-1]) if counts else 1
 
 
-def set_cpu_xla_flags() -> List[str]:
-    """Adds the XLA:CPU flags of the entry points to XLA_FLAGS (see the module docstring): CPU_SCHEDULER_FLAG on
-    CPU-only hosts with one CPU device, unless the user's XLA_FLAGS already set that option or
-    VRTSPIKE_KEEP_XLA_FLAGS=1. Returns the flags added."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("VRTSPIKE_KEEP_XLA_FLAGS") == "1" or has_accelerator():
-        return []
-    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags or forced_cpu_device_count(flags) > 1:
-        return []
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
-    return [CPU_SCHEDULER_FLAG]
-
-
 def prefer_memory_scheduler_on_cpu() -> bool:
-    """The former name of `set_cpu_xla_flags` (until 2026-11-30): whether it added the scheduler flag."""
-    return CPU_SCHEDULER_FLAG in set_cpu_xla_flags()
+    """Adds CPU_SCHEDULER_FLAG to XLA_FLAGS on CPU-only hosts with one CPU device (see the module docstring).
+    Returns whether it did."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("VRTSPIKE_KEEP_XLA_FLAGS") == "1" or "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+        return False
+    if has_accelerator() or forced_cpu_device_count(flags) > 1:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+    return True
 
 
 MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
