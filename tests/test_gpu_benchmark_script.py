@@ -15,6 +15,10 @@ import helpers as testing
 
 SCRIPT = testing.REPO_ROOT / "scripts" / "gpu_benchmark.sh"
 SHAPES = [("6", "192", "192"), ("5", "256", "256")]
+# (config, frames, height, width, JSON name) of each JAX measurement, in the script's order
+JAX_STEPS = [("configs/baseline.py", "6", "192", "192", "jax_train_6x192x192.json"),
+             ("configs/baseline.py", "5", "256", "256", "jax_train_5x256x256.json"),
+             ("configs/baseline.py:vrt_only", "6", "192", "192", "jax_vrt_only_train_6x192x192.json")]
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +78,15 @@ def test_dry_run_prints_benchmark_commands_that_benchmark_py_accepts(bench_modul
     assert "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv" in output
     assert "PyTorch comparison skipped: VRT_TORCH_HARNESS is not set" in output
     commands = benchmark_commands(output)
-    assert len(commands) == 2, output
+    assert len(commands) == len(JAX_STEPS), output
     parser = bench_module.build_parser()
-    for argv, (frames, height, width) in zip(commands, SHAPES):
+    for argv, (config, frames, height, width, json_name) in zip(commands, JAX_STEPS):
         assert flag_problems(parser, bench_module, argv) == [], argv
         args = parser.parse_args(argv)
-        assert (args.config, args.dtype, args.mode, args.batch) == ("configs/baseline.py", "bfloat16", "train", 1)
+        assert (args.config, args.dtype, args.mode, args.batch) == (config, "bfloat16", "train", 1)
         assert (str(args.frames), str(args.height), str(args.width)) == (frames, height, width)
         assert args.runs >= 1 and args.warmup >= 1
-        assert args.json == str(out_dir / f"jax_train_{frames}x{height}x{width}.json")
+        assert args.json == str(out_dir / json_name)
 
 
 def test_a_misspelt_or_refused_flag_is_caught(bench_module):
@@ -111,7 +115,7 @@ def test_pytorch_comparison_skips_fails_or_prints_the_harness_commands(tmp_path)
     assert code == 0, output
     assert f"PyTorch comparison skipped: {sys.executable} cannot import torch (ImportError: torch hidden by the test)" \
         in output
-    # With an importable torch (a stand-in module): the harness runs for both shapes after the JAX measurements.
+    # With an importable torch (a stand-in module): the harness runs for both shapes, before the JAX measurements.
     fake = tmp_path / "fake_torch"
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text(
@@ -121,8 +125,9 @@ def test_pytorch_comparison_skips_fails_or_prints_the_harness_commands(tmp_path)
                                                               "PYTHONPATH": str(fake)})
     assert code == 0, output
     lines = [line for line in output.splitlines() if line.startswith("dry run: timeout")]
-    assert len(lines) == 4 and all("scripts/benchmark.py" in line for line in lines[:2]), output
-    for line, (frames, height, width) in zip(lines[2:], SHAPES):
+    assert len(lines) == 2 + len(JAX_STEPS), output
+    assert all("scripts/benchmark.py" in line for line in lines[2:]), output
+    for line, (frames, height, width) in zip(lines[:2], SHAPES):
         tokens = shlex.split(line[len("dry run: "):])
         assert tokens[tokens.index(str(harness)) + 1:] == [
             "--frames", frames, "--height", height, "--width", width,
@@ -130,16 +135,18 @@ def test_pytorch_comparison_skips_fails_or_prints_the_harness_commands(tmp_path)
 
 
 def test_a_failed_measurement_does_not_stop_the_next_and_the_exit_status_says_so(tmp_path):
-    """A stand-in for Python that fails the 6x192x192 benchmark and passes everything else (no model is built)."""
+    """A stand-in for Python that fails the baseline's 6x192x192 benchmark and passes everything else (no model is
+    built)."""
     stub = tmp_path / "python_stub"
-    stub.write_text('#!/usr/bin/env bash\ncase " $* " in *" scripts/benchmark.py "*"--frames 6 "*) exit 5;; esac\n'
-                    "exit 0\n")
+    stub.write_text('#!/usr/bin/env bash\n'
+                    'case " $* " in *" scripts/benchmark.py --config configs/baseline.py --batch 1 --frames 6 "*) '
+                    'exit 5;; esac\nexit 0\n')
     stub.chmod(0o755)
     out_dir = tmp_path / "out"
     code, output = run_script(str(out_dir), env={"PYTHON": str(stub)})
     assert code == 1, output
     assert "FAILED jax_train_6x192x192: exit status 5" in output
-    assert "done jax_train_5x256x256" in output
+    assert "done jax_train_5x256x256" in output and "done jax_vrt_only_train_6x192x192" in output
     assert "FAILED 1 step(s): jax_train_6x192x192 (exit status 5)" in output
     assert "PyTorch comparison skipped: VRT_TORCH_HARNESS is not set" in output
     assert (out_dir / "gpu_benchmark.log").exists()
