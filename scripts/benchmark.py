@@ -74,6 +74,15 @@ def _reset_hwm():
         pass
 
 
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr, with the seconds since the script started: where a long run is (model build, tracing,
+    XLA's compile, the calls), also when a time limit cuts it off."""
+    print(f"[benchmark {time.perf_counter() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def _device_peak_bytes():
     try:
         stats = jax.local_devices()[0].memory_stats() or {}
@@ -127,15 +136,27 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     """Lowers and compiles `jitted` on make_args(0), then times `call(compiled, *make_args(i))` (default: the
     compiled function itself) over warm-up + runs calls; with --profile_dir, one more call is traced there (into
     <profile_dir>/<phase>) after the timed ones, so the profiler does not touch the medians."""
+    from vrtspike_jax.train import train_lib
+
     _reset_hwm()
     start = time.perf_counter()
-    compiled = jitted.lower(*make_args(0)).compile()
+    progress(f"{name}: tracing and lowering")
+    with train_lib.progress_while(f"{name}: tracing and lowering", emit=progress):
+        lowered = jitted.lower(*make_args(0))
+    lower_s = time.perf_counter() - start
+    progress(f"{name}: lowered in {lower_s:.1f} s; XLA compiling")
+    with train_lib.progress_while(f"{name}: XLA compiling", emit=progress):
+        compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    progress(f"{name}: compiled in {compile_s:.1f} s (XLA {compile_s - lower_s:.1f} s); {args.warmup} warm-up and "
+             f"{args.runs} timed calls")
     compile_rss = _proc_status_bytes("VmHWM")
     _reset_hwm()
     rss_before_run = _proc_status_bytes("VmRSS")
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
     first, times = _measure(fn, make_args, args.runs, args.warmup)
+    if first is not None:
+        progress(f"{name}: first call {first:.2f} s" + (f", median {statistics.median(times):.3f} s" if times else ""))
     run_rss = _proc_status_bytes("VmHWM") if first is not None else None
     profiled_s = None
     if args.profile_dir:
@@ -143,7 +164,7 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     flops = _flops(compiled)
     median = statistics.median(times) if times else None   # --runs 0 --warmup 0: compile only
     achieved = flops / median if (flops and median) else None
-    return dict(phase=name, compile_s=compile_s, first_call_s=first, times_s=times, median_s=median,
+    return dict(phase=name, compile_s=compile_s, lower_s=lower_s, first_call_s=first, times_s=times, median_s=median,
                 flops=flops, tflops_per_s=None if achieved is None else achieved / 1e12,
                 mfu=None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12),
                 xla_memory_bytes=runtime.compiled_memory(compiled), peak_rss_compile_bytes=compile_rss,
@@ -288,6 +309,7 @@ def build(args):
     if args.height % config.data.spike_scale or args.width % config.data.spike_scale:
         cli.exit_with_error(f"--height {args.height} --width {args.width}: the config's data.spike_scale "
                             f"{config.data.spike_scale} must divide both")
+    progress(f"building the model, loss and optimizer of {args.config} and the parameters ({jax.default_backend()})")
     vgg_note, vgg_params, loss = None, None, config.loss
     if loss.perceptual_weight != 0 and not loss.vgg_weights:
         vgg_params = losses.vgg_params_from_state(losses.random_vgg_state(loss.vgg_network, loss.vgg_layers),
@@ -337,6 +359,7 @@ def forward_phase(args, setup, host_params, batches, peak_tflops):
 
 def train_phase(args, config, setup, host_params, batches, peak_tflops):
     """Compiles and times `setup.jit_step()`, the step train_and_evaluate compiles, with donated state."""
+    progress("train: placing the parameters and initialising the optimizer state")
     params, train_state = setup.init_state(host_params, config.seed)
     state = {"params": params, "train_state": train_state}
 
@@ -373,6 +396,7 @@ def main(argv=None):
 
     jax.config.update("jax_default_matmul_precision", args.precision)
     config, mesh, setup, host_params, vgg_note = build(args)
+    progress("built")
     device = jax.local_devices()[0]
     kind = getattr(device, "device_kind", device.platform)
     peak_tflops = args.peak_tflops

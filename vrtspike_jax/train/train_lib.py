@@ -88,17 +88,18 @@ def enable_compilation_cache(config) -> None:
 
 
 @contextlib.contextmanager
-def progress_while(what: str, every_seconds: float = 30.0):
+def progress_while(what: str, every_seconds: float = 30.0, emit=None):
     """Logs `<what>: N s so far` every `every_seconds` until the block ends (compiling the train step takes minutes on
-    a CPU and shows nothing otherwise)."""
+    a CPU and shows nothing otherwise); `emit(message)`, when given, replaces logging.info."""
     import threading
 
     done = threading.Event()
     start = time.perf_counter()
+    emit = emit or logging.info
 
     def report():
         while not done.wait(every_seconds):
-            logging.info("%s: %.0f s so far", what, time.perf_counter() - start)
+            emit(f"{what}: {time.perf_counter() - start:.0f} s so far")
 
     thread = threading.Thread(target=report, name="progress", daemon=True)
     thread.start()
