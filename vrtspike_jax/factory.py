@@ -93,13 +93,16 @@ def with_official_weights(section, weights, seed: int = 0) -> VRTWithSpike:
 
 
 def initial_params(config) -> Dict[str, Any]:
-    """The run's parameters at step 0 (see the module docstring), NumPy on the host."""
+    """The run's parameters at step 0 (see the module docstring), NumPy on the host. They are drawn on the host's CPU
+    device whatever the default backend: the model's eager initialisation compiles its own small programs (53 for the
+    baseline), which an accelerator would compile for itself only for the values to come back to the host."""
     config = _run_config(config)
-    if config.init.vrt_from:
-        model = with_official_weights(config.model, config.init.vrt_from, config.seed)
-    else:
-        model = build_model(model_config(config.model), rngs=nnx.Rngs(config.seed))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        if config.init.vrt_from:
+            model = with_official_weights(config.model, config.init.vrt_from, config.seed)
+        else:
+            model = build_model(model_config(config.model), rngs=nnx.Rngs(config.seed))
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if config.init.zero_output_conv:
         # VRT adds its output to the input frames: zero output weights make the untrained model the identity.
         params["vrt"]["conv_last"] = jax.tree.map(np.zeros_like, params["vrt"]["conv_last"])
