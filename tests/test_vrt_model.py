@@ -202,3 +202,41 @@ def test_the_window_bias_add_has_the_gradient_of_the_plain_add(logits_shape):
     np.testing.assert_array_equal(ours[1][0], plain[1][0])   # the logits' gradient passes through unchanged
     np.testing.assert_allclose(ours[1][1], plain[1][1], rtol=1e-5, atol=1e-6)
     assert ours[1][1].shape == bias.shape and ours[1][1].dtype == bias.dtype
+
+
+def test_drop_path_masks_keep_each_sample_with_one_minus_the_block_rate():
+    from vrtspike_jax.models.vrt.attention import draw_keep_masks
+
+    masks = np.asarray(draw_keep_masks(jax.random.key(3), [0.0, 0.2, 0.5], 20_000))
+    assert masks.shape == (3, 2, 20_000) and masks.dtype == bool
+    assert masks[0].all()                                    # rate 0: every sample kept
+    np.testing.assert_allclose(masks[1:].mean(axis=-1), [[0.8, 0.8], [0.5, 0.5]], atol=0.015)
+    assert (masks[1, 0] != masks[1, 1]).any() and (masks[1] != masks[2]).any()   # independent draws
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_drop_path_in_a_group_is_the_drawn_masks_whether_blocks_are_scanned_or_not(remat):
+    """A TMSA group in training (an rng given): scanned and unrolled blocks draw the same masks from the group's key,
+    and the output is the blocks applied one by one with those masks (dropped residuals rescaled by 1 / keep)."""
+    from vrtspike_jax.models.vrt.attention import TMSAG, draw_keep_masks
+
+    rates = [0.0, 0.4, 0.6, 0.8]
+    x = jax.random.normal(jax.random.key(0), (6, 2, 8, 8, 8))
+    rng = jax.random.key(7)
+    outs = {}
+    for scan in (True, False):
+        group = TMSAG(8, 4, 2, (2, 4, 4), mut_attn=False, drop_path=rates, remat=remat, scan_blocks=scan,
+                      rngs=nnx.Rngs(1))
+        outs[scan] = np.asarray(group(x, rng))
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+    masks = draw_keep_masks(rng, rates, x.shape[0])
+    from vrtspike_jax.models.vrt.attention import compute_region_labels, get_window_size
+
+    window, shift = get_window_size((2, 8, 8), group.window_size, group.shift_size)
+    labels = compute_region_labels(2, 8, 8, window, shift)
+    y = x
+    for i, block in enumerate(group.blocks):
+        y = block(y, labels, masks[i])
+    np.testing.assert_allclose(outs[False], np.asarray(y), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(outs[False], np.asarray(group(x, None)), atol=1e-3)   # some residuals were dropped
