@@ -331,3 +331,33 @@ def test_ema_follows_a_numpy_reference_and_holds_on_skipped_steps():
     for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert not np.allclose(state["ema"]["linear"]["kernel"], params["linear"]["kernel"])
+
+
+def test_initial_params_are_drawn_on_the_host_cpu_and_without_a_cpu_backend_the_same(monkeypatch):
+    """factory.initial_params draws on the host's CPU device; where JAX_PLATFORMS leaves the CPU backend out (a TPU
+    or GPU host) it draws on the default device instead of failing, to the same values."""
+    config = baseline.get_config("tiny")
+    used = []
+    real_default_device = jax.default_device
+
+    def recording_default_device(device):
+        used.append(device)
+        return real_default_device(device)
+
+    monkeypatch.setattr(jax, "default_device", recording_default_device)
+    expected = factory.initial_params(config)
+    assert used == [jax.local_devices(backend="cpu")[0]]
+
+    real_local_devices = jax.local_devices
+
+    def without_cpu(*args, backend=None, **kwargs):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real_local_devices(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(jax, "local_devices", without_cpu)
+    got = factory.initial_params(config)
+    assert used[-1] is None
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)

@@ -92,12 +92,21 @@ def with_official_weights(section, weights, seed: int = 0) -> VRTWithSpike:
     return model
 
 
+def _host_cpu_device():
+    """This host's first CPU device, or None (the default device) where JAX_PLATFORMS leaves the CPU backend out."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def initial_params(config) -> Dict[str, Any]:
     """The run's parameters at step 0 (see the module docstring), NumPy on the host. They are drawn on the host's CPU
-    device whatever the default backend: the model's eager initialisation compiles its own small programs (53 for the
-    baseline), which an accelerator would compile for itself only for the values to come back to the host."""
+    device whatever the default backend (unless JAX_PLATFORMS leaves the CPU out): the model's eager initialisation
+    compiles its own small programs (53 for the baseline), which an accelerator would compile for itself only for
+    the values to come back to the host."""
     config = _run_config(config)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with jax.default_device(_host_cpu_device()):
         if config.init.vrt_from:
             model = with_official_weights(config.model, config.init.vrt_from, config.seed)
         else:
