@@ -10,8 +10,8 @@ XLA to dump that program's buffer assignment into a temporary folder. XLA's live
 alive at the peak of its schedule and the instruction that runs there; each buffer's HLO instruction carries the
 JAX name stack of the code that made it. The model names its parts with `jax.named_scope` (embed, spynet,
 compose_flows, spike_encoder, stage1..stage7 with tmsa_mutual / tmsa_self / parallel_warp inside, attention and
-mlp inside each TMSA block, fusion1..fusion7 for the spike fusion, stage8_1.., reconstruct, loss), so the report
-can say, per part and per op kind (gather, dot_general, ...), how many bytes are held at the peak, and whether
+mlp inside each TMSA block, fusion1..fusion7 for the spike fusion, stage8_1.., reconstruct, loss; the train step
+adds optimizer for the update), so the report can say, per part and per op kind (gather, dot_general, ...), how many bytes are held at the peak, and whether
 they belong to the forward pass (`jvp`) or the backward pass (`transpose`).
 
 Output: the peak (XLA's heap-simulator figure: temporaries plus the arguments it counts), the instruction at the
@@ -41,7 +41,8 @@ BENCHMARK = REPO_ROOT / "scripts" / "benchmark.py"
 MODULE = "jit_train_step"
 
 # Name-scope tokens of the model (jax.named_scope in models/ and train_lib), outermost first.
-PART = re.compile(r"^(embed|spynet|compose_flows|spike_encoder|stage\d+(?:_\d+)?|fusion\d+|reconstruct|loss)$")
+PART = re.compile(r"^(embed|spynet|compose_flows|spike_encoder|stage\d+(?:_\d+)?|fusion\d+|reconstruct|loss|"
+                  r"optimizer)$")
 SUB_PART = re.compile(r"^(tmsa_mutual|tmsa_self|parallel_warp|attention|mlp)$")
 _LIVE_HEADER = re.compile(r"^\s*Live ranges at (\d+) \(peak\):")
 _LIVE_ENTRY = re.compile(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes")

@@ -62,6 +62,7 @@ def test_op_names_classify_into_part_sub_part_pass_and_op():
         "part": "stage8_2", "sub_part": "attention", "pass": "forward", "op": "dot_general"}
     assert memory_breakdown.classify("parameter", "")["part"] == "(arguments)"
     assert memory_breakdown.classify("add", "jit(train_step)/add")["part"] == "(unscoped)"
+    assert memory_breakdown.classify("fusion", "jit(train_step)/optimizer/jit(_where)/select_n")["part"] == "optimizer"
 
 
 def test_the_peak_section_is_read_with_its_position_and_total():

@@ -361,3 +361,20 @@ def test_initial_params_are_drawn_on_the_host_cpu_and_without_a_cpu_backend_the_
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_optimizer_update_runs_under_its_own_scope():
+    """The update (global norm, AdamW, the non-finite guard, EMA) carries the `optimizer` name scope that the breakdown
+    scripts report it under; the model's forward pass does not."""
+    import helpers as testing
+
+    config = baseline.get_config("tiny")
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    setup = train_lib.build_train_setup(config, mesh)
+    params, state = setup.init_state(factory.initial_params(config), config.seed)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in testing.TINY_BATCH_SHAPES.items()
+             if k in setup.keys}
+    text = setup.jit_step().lower(params, state, batch, setup.vgg_params).as_text(debug_info=True)
+    scoped = [line for line in text.splitlines() if "/optimizer/" in line]
+    assert any("sqrt" in line for line in scoped) and any("select" in line for line in scoped), scoped[:5]
+    assert not any("stage1" in line for line in scoped)
