@@ -139,15 +139,8 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     from vrtspike_jax.train import train_lib
 
     _reset_hwm()
-    start = time.perf_counter()
     progress(f"{name}: tracing and lowering")
-    with train_lib.progress_while(f"{name}: tracing and lowering", emit=progress):
-        lowered = jitted.lower(*make_args(0))
-    lower_s = time.perf_counter() - start
-    progress(f"{name}: lowered in {lower_s:.1f} s; XLA compiling")
-    with train_lib.progress_while(f"{name}: XLA compiling", emit=progress):
-        compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+    compiled, lower_s, compile_s = train_lib.lower_and_compile(jitted, make_args(0), name, emit=progress)
     progress(f"{name}: compiled in {compile_s:.1f} s (XLA {compile_s - lower_s:.1f} s); {args.warmup} warm-up and "
              f"{args.runs} timed calls")
     compile_rss = _proc_status_bytes("VmHWM")

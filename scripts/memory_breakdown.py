@@ -11,8 +11,9 @@ alive at the peak of its schedule and the instruction that runs there; each buff
 JAX name stack of the code that made it. The model names its parts with `jax.named_scope` (embed, spynet,
 compose_flows, spike_encoder, stage1..stage7 with tmsa_mutual / tmsa_self / parallel_warp inside, attention and
 mlp inside each TMSA block, fusion1..fusion7 for the spike fusion, stage8_1.., reconstruct, loss; the train step
-adds optimizer for the update), so the report can say, per part and per op kind (gather, dot_general, ...), how many bytes are held at the peak, and whether
-they belong to the forward pass (`jvp`) or the backward pass (`transpose`).
+adds optimizer for the update), so the report can say, per part and per op kind (gather, dot_general, ...), how
+many bytes are held at the peak, and whether they belong to the forward pass (`jvp`) or the backward pass
+(`transpose`).
 
 Output: the peak (XLA's heap-simulator figure: temporaries plus the arguments it counts), the instruction at the
 peak with its name stack, then tables by part, by (part, sub-part), by op kind and the largest buffers. `--json`

@@ -110,6 +110,20 @@ def progress_while(what: str, every_seconds: float = 30.0, emit=None):
         thread.join()
 
 
+def lower_and_compile(jitted, args, what: str, emit=None):
+    """`jitted.lower(*args).compile()` with progress (`progress_while`, through `emit`, default logging.info): the
+    tracing and lowering, then XLA's compile. Returns (compiled, seconds to lower, seconds in all)."""
+    emit = emit or logging.info
+    start = time.perf_counter()
+    with progress_while(f"{what}: tracing and lowering", emit=emit):
+        lowered = jitted.lower(*args)
+    lower_s = time.perf_counter() - start
+    emit(f"{what}: lowered in {lower_s:.1f} s; XLA compiling")
+    with progress_while(f"{what}: XLA compiling", emit=emit):
+        compiled = lowered.compile()
+    return compiled, lower_s, time.perf_counter() - start
+
+
 def make_schedule(config) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to `end_learning_rate` at
     `optimizer.schedule_steps` (None: `total_steps`). With `optimizer.restart_at` = R > 0 (staged training) the
@@ -367,14 +381,10 @@ class TrainSetup:
         shardings = self.batch_shardings
         abstract_batch = {k: jax.ShapeDtypeStruct(tuple(batch_shapes[k]), jnp.float32, sharding=shardings[k])
                           for k in self.keys}
-        start = time.perf_counter()
-        with progress_while("compiling the train step"):
-            lowered = self.jit_step().lower(params, train_state, abstract_batch, self.vgg_params)
-            lowered_at = time.perf_counter()
-            compiled = lowered.compile()
-        logging.info("train step: traced and lowered in %.1f s, compiled in %.1f s", lowered_at - start,
-                     time.perf_counter() - lowered_at)
-        return compiled, time.perf_counter() - start, _memory_summary(compiled)
+        compiled, lower_s, seconds = lower_and_compile(
+            self.jit_step(), (params, train_state, abstract_batch, self.vgg_params), "train step")
+        logging.info("train step: traced and lowered in %.1f s, compiled in %.1f s", lower_s, seconds - lower_s)
+        return compiled, seconds, _memory_summary(compiled)
 
 
 def build_train_setup(config, mesh: jax.sharding.Mesh, vgg_params=None) -> TrainSetup:
