@@ -95,16 +95,28 @@ def _gib(value):
     return None if value is None else value / 2 ** 30
 
 
-def _measure(fn, argsets, runs, warmup):
-    """Calls fn(*argsets[i % len]) warmup + runs times; returns (first call seconds, list of run seconds)."""
+def _measure(fn, argsets, runs, warmup, name=None):
+    """Calls fn(*argsets[i % len]) warmup + runs times; returns (first call seconds, list of run seconds). With a
+    `name`, each call's time is printed (`progress`) as it ends and a call running past 30 s says so every 30 s: a
+    run cut off by a time limit still shows how long its calls took."""
+    from vrtspike_jax.train import train_lib
+
     times = []
     first = None
-    for i in range(warmup + runs):
+    total = warmup + runs
+    for i in range(total):
         args = argsets(i)
+        kind = "warm-up" if i < warmup else "timed"
+        label = f"{name}: call {i + 1}/{total} ({kind})"
         start = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
+        if name is None:
+            jax.block_until_ready(fn(*args))
+        else:
+            with train_lib.progress_while(label, emit=progress):
+                jax.block_until_ready(fn(*args))
         elapsed = time.perf_counter() - start
+        if name is not None:
+            progress(f"{label} {elapsed:.2f} s")
         if first is None:
             first = elapsed
         if i >= warmup:
@@ -147,7 +159,7 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     _reset_hwm()
     rss_before_run = _proc_status_bytes("VmRSS")
     fn = compiled if call is None else (lambda *a: call(compiled, *a))
-    first, times = _measure(fn, make_args, args.runs, args.warmup)
+    first, times = _measure(fn, make_args, args.runs, args.warmup, name=name)
     if first is not None:
         progress(f"{name}: first call {first:.2f} s" + (f", median {statistics.median(times):.3f} s" if times else ""))
     run_rss = _proc_status_bytes("VmHWM") if first is not None else None

@@ -32,18 +32,22 @@ readonly BUDGET_S=460        # the whole script; with the 5 s kill grace of the 
 readonly INFO_TIMEOUT_S=30   # each version probe
 readonly MIN_STEP_S=15       # a step is not started with less than this left
 readonly KILL_AFTER_S=5
-readonly RUNS=5
-readonly WARMUP=2
+readonly RUNS=3
+readonly WARMUP=1
 # The measurements in order: kind (torch: the harness; jax: benchmark.py's bf16 train step), config (jax), frames,
 # height, width, the step's own time limit in seconds. On an H200 (2026-11-30) the PyTorch VRT's step took 1-1.4 s
-# after a first step of 14-19 s (cudnn.benchmark), while benchmark.py's baseline step did not reach its first call
-# within 230 s (model build, tracing, XLA's compile): the baseline at 1x6x192x192 comes right after the PyTorch
-# step of that shape and may use most of the budget; what follows runs if time is left.
+# after a first step of 14-19 s (cudnn.benchmark), while benchmark.py's plain-VRT step at 1x6x192x192 took 286 s to
+# compile (21 s tracing and lowering, then XLA: 214 s of HLO passes, about 90 s of them autotuning, and 37 s of code
+# generation; docs/PERFORMANCE.md "GPU") and the baseline's did not compile within 230 s. So plain VRT, the network
+# the PyTorch harness times, comes right after the PyTorch step of that shape and may use most of the budget; the
+# baseline follows if time is left. XLA_FLAGS from the environment reach every JAX step (for instance
+# --xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false: 171 s instead of 265 s of XLA compile, untuned
+# kernels).
 readonly STEPS=(
   "torch - 6 192 192 60"
-  "jax configs/baseline.py 6 192 192 380"
+  "jax configs/baseline.py:vrt_only 6 192 192 390"
+  "jax configs/baseline.py 6 192 192 300"
   "jax configs/baseline.py 5 256 256 300"
-  "jax configs/baseline.py:vrt_only 6 192 192 300"
   "torch - 5 256 256 40"
 )
 

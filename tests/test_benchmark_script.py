@@ -3,6 +3,7 @@ phase is the training step (train_lib's, same loss, clipping, groups), and its c
 without running."""
 import importlib.util
 import json
+import re
 
 import jax
 
@@ -36,7 +37,12 @@ def test_benchmark_reports_time_flops_and_memory(bench_script, tmp_path, capsys)
     assert forward["phase"] == "forward" and len(forward["times_s"]) == 1 and forward["median_s"] > 0
     assert forward["flops"] > 1e8 and forward["xla_memory_bytes"]["temp_bytes"] > 0
     assert forward["peak_rss_run_bytes"] > 0 and forward["peak_rss_compile_bytes"] > 0
-    assert "forward |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "forward |" in captured.out
+    # stderr shows each stage as it ends, each call included (a run cut off by a time limit still tells its times)
+    assert re.search(r"forward: lowered in [0-9.]+ s; XLA compiling", captured.err)
+    assert re.search(r"forward: compiled in [0-9.]+ s", captured.err)
+    assert re.search(r"forward: call 1/1 \(timed\) [0-9.]+ s", captured.err)
 
 
 def test_compile_only_mode(bench_script, tmp_path):
