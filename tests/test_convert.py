@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from vrtspike_jax.convert import (CheckpointError, load_official_vrt, load_state_dict_into, official_key_of_path,
-                                  official_key_to_path, read_state_dict)
+                                  official_key_to_path, official_parameter_slots, read_state_dict)
 from vrtspike_jax.models.vrt import VRT, preset, small_fixture_config
 
 
@@ -31,13 +31,13 @@ def test_fixture_loads_with_prefixes_and_every_parameter_is_filled(official, fix
     params, buffers, kwargs = official
     assert len(params) == 828
     model = load_official_vrt(fixture_file("vrt_small_seed0.npz"), **kwargs)
-    ours = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
-    assert len(ours) == len(params)
+    assert len(official_parameter_slots(model)) == len(params)
     np.testing.assert_array_equal(np.asarray(model.conv_first.kernel[...]),
                                   params["conv_first.weight"][:, :, 0].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(np.asarray(model.stages[1].reshape_linear.kernel[...]),
                                   params["stage2.reshape.2.weight"].T)
-    np.testing.assert_array_equal(np.asarray(model.stage8[1].residual_group.blocks[1].attn.relative_position_bias_table[...]),
+    # a TMSA group's blocks are stored stacked: block 1's table is index 1 of the group's stacked table
+    np.testing.assert_array_equal(np.asarray(model.stage8[1].residual_group.blocks.attn.relative_position_bias_table[...][1]),
                                   params["stage8.2.residual_group.blocks.1.attn.relative_position_bias_table"])
 
 
@@ -138,7 +138,8 @@ def read_keys_tsv(path):
 
 
 def param_shapes(model):
-    return {tuple(p): tuple(v.shape) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    """{path: shape} in the official state_dict's granularity (a TMSA group's stacked parameters once per block)."""
+    return {p: tuple(v.shape) for p, v in official_parameter_slots(model).items()}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from vrtspike_jax.train import checkpointing, lora, param_groups, preflight
 _spec = importlib.util.spec_from_file_location("merge_lora", testing.REPO_ROOT / "scripts" / "merge_lora.py")
 merge_lora = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(merge_lora)
-TARGET = ("vrt", "stages", 0, "residual_group2", "blocks", 0, "attn", "qkv_self")
+# a TMSA group's blocks are stored stacked: the target kernel is [depth, in, out] (tiny: depth 1), its factors too
+TARGET = ("vrt", "stages", 0, "residual_group2", "blocks", "attn", "qkv_self")
 
 
 def _lora_params(config, seed=1):
@@ -46,7 +47,7 @@ def test_the_adapted_kernel_is_loras_forward_and_starts_as_the_plain_model():
         np.testing.assert_array_equal(a, b)
     factors = traverse_util.flatten_dict(fresh[lora.KEY])
     a0 = factors[TARGET + ("a",)]
-    assert a0.shape == (16, 8) and np.abs(a0).max() <= 1 / np.sqrt(16) and a0.std() > 0.1   # U(+-1/sqrt(in))
+    assert a0.shape == (1, 16, 8) and np.abs(a0).max() <= 1 / np.sqrt(16) and a0.std() > 0.1   # U(+-1/sqrt(in))
     # Only TMSA attention and MLP projections are adapted (not pa_fuse's MLP, not the spike path).
     modules = {key[:-1] for key in factors}
     assert all(m[0] == "vrt" and m[3].startswith("residual_group") and m[-2] in ("attn", "mlp") for m in modules)
@@ -55,10 +56,10 @@ def test_the_adapted_kernel_is_loras_forward_and_starts_as_the_plain_model():
     assert {m[-1] for m in lora.targets_of(quick, spec)} == set(lora.TARGET_NAMES)
     # With trained factors: x W_eff + bias == x W + bias + (alpha / r) (x a) b, PEFT's LoRA forward (float64).
     params = _lora_params(config)
-    kernel = traverse_util.flatten_dict(lora.apply(params, spec))[TARGET + ("kernel",)]
+    kernel = traverse_util.flatten_dict(lora.apply(params, spec))[TARGET + ("kernel",)][0]
     flat = traverse_util.flatten_dict(params)
-    w, bias = flat[TARGET + ("kernel",)].astype(np.float64), flat[TARGET + ("bias",)].astype(np.float64)
-    a, b = (flat[(lora.KEY,) + TARGET + (name,)].astype(np.float64) for name in ("a", "b"))
+    w, bias = flat[TARGET + ("kernel",)][0].astype(np.float64), flat[TARGET + ("bias",)][0].astype(np.float64)
+    a, b = (flat[(lora.KEY,) + TARGET + (name,)][0].astype(np.float64) for name in ("a", "b"))
     x = np.random.default_rng(2).normal(size=(5, 16))
     want = x @ w + bias + spec.scale * (x @ a) @ b
     np.testing.assert_allclose(x @ np.asarray(kernel, np.float64) + bias, want, rtol=1e-5, atol=1e-6)
@@ -83,7 +84,8 @@ def test_only_the_factors_and_the_spike_path_train_and_merged_equals_unmerged():
     assert jax.tree.leaves(inner["frozen"]) == []               # VRT's groups: no optimizer state
     counts = param_groups.trainable_count(history[0], param_groups.group_settings(config))
     spec = lora.spec_from_config(config)
-    assert counts["lora"] == sum(8 * (i + o) for i, o in lora.targets_of(history[0], spec).values()) > 0
+    shapes = lora.targets_of(history[0], spec).values()              # stacked kernels: [depth, in, out]
+    assert counts["lora"] == sum(8 * int(np.prod(s[:-2])) * (s[-2] + s[-1]) for s in shapes) > 0
     assert counts["trainable"] == counts["lora"] + counts["spike_encoder"] + counts["spike_temporal_sa"] + \
         counts["fusion"]
     graphdef, _ = factory.abstract(config.model)

@@ -154,8 +154,8 @@ def test_gradients_finite_and_match_finite_differences():
     def loss_jit(m):
         return float(np.mean((np.asarray(output_jit(m), np.float64) - target64) ** 2))
     probes = [("conv_last", "kernel"), ("stages", 0, "pa_deform", "conv_offset", 3, "kernel"),
-              ("stages", 0, "residual_group1", "blocks", 0, "attn", "qkv_mut", "kernel"),
-              ("stage8", 0, "residual_group", "blocks", 0, "attn", "relative_position_bias_table"),
+              ("stages", 0, "residual_group1", "blocks", "attn", "qkv_mut", "kernel"),
+              ("stage8", 0, "residual_group", "blocks", "attn", "relative_position_bias_table"),
               ("spynet", "basic_module", 5, "convs", 4, "kernel")]
     for path in probes:
         grad = np.asarray(flat[path][...])
@@ -236,7 +236,27 @@ def test_drop_path_in_a_group_is_the_drawn_masks_whether_blocks_are_scanned_or_n
     window, shift = get_window_size((2, 8, 8), group.window_size, group.shift_size)
     labels = compute_region_labels(2, 8, 8, window, shift)
     y = x
-    for i, block in enumerate(group.blocks):
-        y = block(y, labels, masks[i])
+    graphdef, stacked = nnx.split(group.blocks)
+    for i in range(4):   # block i: index i of the stacked parameters, unshifted for even i, shifted for odd i
+        block = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], stacked))
+        y = block(y, labels, masks[i], rates[i], shift_size=(0, 0, 0) if i % 2 == 0 else group.shift_size)
     np.testing.assert_allclose(outs[False], np.asarray(y), rtol=1e-5, atol=1e-5)
     assert not np.allclose(outs[False], np.asarray(group(x, None)), atol=1e-3)   # some residuals were dropped
+
+
+def test_a_group_stores_its_blocks_stacked_with_the_values_of_blocks_drawn_one_by_one():
+    """TMSAG keeps one TMSA module whose parameters have a leading block axis (one optimizer leaf per parameter
+    kind, not per block); block i's slice is exactly the block that TMSA(...) drawn i-th from the same Rngs would be,
+    so initial values do not depend on the storage."""
+    from vrtspike_jax.models.vrt.attention import TMSA, TMSAG
+
+    group = TMSAG(8, 3, 2, (2, 4, 4), mut_attn=True, rngs=nnx.Rngs(3))
+    rngs = nnx.Rngs(3)
+    separate = [nnx.state(TMSA(8, 2, (2, 4, 4), (0, 0, 0), mut_attn=True, rngs=rngs), nnx.Param) for _ in range(3)]
+    stacked = nnx.state(group.blocks, nnx.Param)
+    leaves = jax.tree.leaves(stacked)
+    assert leaves and all(leaf.shape[0] == 3 for leaf in leaves)
+    for i, state in enumerate(separate):
+        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda leaf: leaf[i], stacked)), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.array_equal(np.asarray(leaves[0][0]), np.asarray(leaves[0][1]))   # distinct blocks

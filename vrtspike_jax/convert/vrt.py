@@ -12,14 +12,14 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vrtspike_jax.models.vrt import VRT, VRTConfig, config_from_official_kwargs
-from vrtspike_jax.models.vrt.attention import relative_position_index, sine_position_encoding
+from vrtspike_jax.models.vrt.attention import TMSA, TMSAG, relative_position_index, sine_position_encoding
 from vrtspike_jax.models.vrt.spynet import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -240,6 +240,46 @@ def _model_params(model) -> Dict[tuple, nnx.Param]:
     return {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
+class _BlockSlot:
+    """Block i's part of a TMSA group's stacked parameter (leading axis: the block), read and written like a
+    parameter: `slot.shape`, `slot[...]`, `slot[...] = value`."""
+
+    def __init__(self, param: nnx.Param, index: int):
+        self.param = param
+        self.index = index
+
+    @property
+    def shape(self):
+        return tuple(self.param.shape[1:])
+
+    def __getitem__(self, item):
+        return self.param[...][self.index][item]
+
+    def __setitem__(self, item, value):
+        if item is not Ellipsis:
+            raise TypeError("a block slot is written whole: slot[...] = value")
+        self.param[...] = self.param[...].at[self.index].set(value)
+
+
+def official_parameter_slots(model) -> Dict[tuple, Any]:
+    """{path: parameter} of a VRT in the official state_dict's granularity: a TMSA group's stacked parameters
+    (`TMSAG.blocks`, leading axis: the block) appear once per block, as (..., 'blocks', i, <submodule...>, name) ->
+    a `_BlockSlot`; every other parameter as itself. The paths are those `official_key_to_path` gives."""
+    slots: Dict[tuple, Any] = {}
+    stacked = set()
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, TMSAG) and node.blocks is not None:
+            for sub, param in nnx.iter_graph(node.blocks):
+                if isinstance(param, nnx.Param):
+                    stacked.add(id(param))
+                    for i in range(node.depth):
+                        slots[tuple(path) + ("blocks", i) + tuple(sub)] = _BlockSlot(param, i)
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param) and id(node) not in stacked:
+            slots[tuple(path)] = node
+    return slots
+
+
 def _expected_buffer(key: str, model: VRT) -> Optional[np.ndarray]:
     """Our value of an official buffer (they are pure functions of the configuration)."""
     if key == "spynet.mean":
@@ -252,6 +292,8 @@ def _expected_buffer(key: str, model: VRT) -> Optional[np.ndarray]:
         return None
     node = model
     for p in path[0][:-1]:
+        if isinstance(p, int) and isinstance(node, TMSA):   # a block index into a group's stacked blocks
+            continue
         node = node[p] if isinstance(p, int) else getattr(node, p)
     if key.endswith("relative_position_index"):
         return relative_position_index(node.window_size)
@@ -266,7 +308,7 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
                          source: str = "state_dict") -> VRT:
     """Fills every parameter of `model` from official `params`; checks `buffers`. Raises CheckpointError naming
     the file (`source`) and each missing, extra or mis-shaped key."""
-    ours = _model_params(model)
+    ours = official_parameter_slots(model)
     filled = {}
     problems = []
     for key, value in params.items():
@@ -415,6 +457,10 @@ def load_official_weights_into(model, path):
     if path.is_dir():
         flat = _read_orbax_vrt_params(path)
         ours = _model_params(vrt)
+        slots = official_parameter_slots(vrt)
+        if set(flat) != set(ours) and set(flat) == set(slots):
+            # Written before TMSA groups stored their blocks stacked (2026-11-30): one entry per block.
+            ours = slots
         problems = [f"missing {'.'.join(map(str, p))}" for p in ours if p not in flat]
         problems += [f"unexpected {'.'.join(map(str, p))}" for p in flat if p not in ours]
         problems += [f"{'.'.join(map(str, p))} has shape {flat[p].shape}, the configured VRT expects "

@@ -1,6 +1,7 @@
 """LoRA (low-rank adaptation) of VRT's TMSA projections, as a reparameterisation of the parameter tree (config `lora`).
 
-A target kernel `W` (in, out) of a TMSA block (`vrt/stages/<i>/residual_group<j>/blocks/<b>/{attn,mlp}/<name>`)
+A target kernel `W` (in, out) of a TMSA block (`vrt/stages/<i>/residual_group<j>/blocks/{attn,mlp}/<name>`; a
+group's blocks are stored stacked, so the kernel is [depth, in, out] and the factors get the same leading axis)
 gets two adapter factors, `a` (in, r) and `b` (r, out), and the model runs with
 
     W_eff = W + (alpha / r) * a @ b
@@ -11,8 +12,8 @@ which is LoRA's `h = x W + (alpha / r) x a b` (Hu et al. 2021; PEFT's `lora_B(lo
 adapted (PEFT's bias="none").
 
 Where the factors live: `params["lora"]`, a nested dict that mirrors the target modules' paths, each holding
-{"a", "b"} (e.g. params["lora"]["vrt"]["stages"][0]["residual_group1"]["blocks"][0]["attn"]["qkv_self"]["a"]). They
-form the parameter group `lora` (train/param_groups.py); the `lora` config variant freezes VRT's own groups for the
+{"a", "b"} (e.g. params["lora"]["vrt"]["stages"][0]["residual_group1"]["blocks"]["attn"]["qkv_self"]["a"], of shape
+[depth, in, r]). They form the parameter group `lora` (train/param_groups.py); the `lora` config variant freezes VRT's own groups for the
 run, so only the factors (and the spike path) train. `apply` gives the model's plain parameter tree (what `nnx.merge`
 takes): inside the train step, for validation, and when a checkpoint is loaded (`merge` writes it as a plain
 checkpoint: scripts/merge_lora.py). Checkpoints hold the full state (VRT's frozen weights and the factors).
@@ -34,7 +35,7 @@ from flax import traverse_util
 
 KEY = "lora"
 TARGET_NAMES = ("qkv_self", "qkv_mut", "proj", "fc11", "fc12", "fc2")
-_TMSA = r"^vrt/stages/\d+/residual_group\d+/blocks/\d+/(attn|mlp)/({names})/kernel$"
+_TMSA = r"^vrt/stages/\d+/residual_group\d+/blocks/(attn|mlp)/({names})/kernel$"
 _RNG_SALT = 0x10AA   # the factors' init stream: fold_in(key(seed), salt), apart from the model's own init
 
 

@@ -321,9 +321,10 @@ class TMSA(nnx.Module):
         self.norm2 = LayerNorm(dim, **kw)
         self.mlp = MlpGEGLU(dim, int(dim * mlp_ratio), **kw)
 
-    def attention_part(self, x, region_labels):
+    def attention_part(self, x, region_labels, shift_size=None):
         b, d, h, w, c = x.shape
-        window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
+        shift_size = self.shift_size if shift_size is None else tuple(shift_size)
+        window_size, shift_size = get_window_size((d, h, w), self.window_size, shift_size)
         x = self.norm1(x)
         # Zero-pad after the norm up to window multiples; padded tokens take part as keys/values (official).
         pad_d = (window_size[0] - d % window_size[0]) % window_size[0]
@@ -344,16 +345,17 @@ class TMSA(nnx.Module):
             x = x[:, :d, :h, :w, :]
         return x
 
-    def __call__(self, x, region_labels, keep_masks=None, drop_rate=None):
+    def __call__(self, x, region_labels, keep_masks=None, drop_rate=None, shift_size=None):
         """x: [B, D, H, W, C]; region_labels: the group's shifted-window region labels [nW, N] (numpy) or None;
         keep_masks: this block's drop-path masks [2, B] (attention, MLP; `draw_keep_masks`) or None;
-        drop_rate: overrides the block's drop-path rate (used by the scan over blocks)."""
+        drop_rate: overrides the block's drop-path rate (used by the scan over blocks); shift_size: overrides the
+        block's window shift (a TMSAG's stacked blocks share one module: even blocks unshifted, odd ones shifted)."""
         rate = self.drop_path_rate if drop_rate is None else drop_rate
         keep1 = keep2 = None
         if keep_masks is not None:
             keep1, keep2 = keep_masks[0], keep_masks[1]
         with jax.named_scope("attention"):
-            x = x + drop_path(self.attention_part(x, region_labels), rate, keep1)
+            x = x + drop_path(self.attention_part(x, region_labels, shift_size), rate, keep1)
         with jax.named_scope("mlp"):
             x = x + drop_path(self.mlp(self.norm2(x)), rate, keep2)
         return x
@@ -367,7 +369,15 @@ _REMAT_POLICIES = {
 
 
 class TMSAG(nnx.Module):
-    """A group of TMSA blocks with alternating shifts (official TMSAG, N:855-936), on [B, D, H, W, C]."""
+    """A group of TMSA blocks with alternating shifts (official TMSAG, N:855-936), on [B, D, H, W, C].
+
+    The blocks' parameters are stored stacked: `blocks` is one TMSA module whose every parameter has a leading axis
+    of length `depth` (block i's parameters are `leaf[i]`; block i is unshifted for even i, shifted for odd i). The
+    blocks are drawn one by one as separate modules would be (same initial values) and then stacked. The scan over
+    blocks (`scan_blocks`) takes the stacked parameters as they are, and the train step's optimizer sees one leaf
+    per parameter kind of the group instead of one per block: on the official deblurring VRT 1,410 parameter leaves
+    become 530, which is what XLA compiles per leaf (AdamW, the clipping, the non-finite guard, EMA) and what the
+    GPU compiler's fusion pass rates against each of the optimizer's scalars (docs/PERFORMANCE.md)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
@@ -375,29 +385,49 @@ class TMSAG(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
+        for ws, s in zip(self.window_size, self.shift_size):
+            if not 0 <= s < ws:
+                raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size {self.window_size})")
         self.remat = remat
         self.scan_blocks = scan_blocks
+        self.depth = int(depth)
         rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
-        self.blocks = nnx.List([
-            TMSA(dim, num_heads, self.window_size, (0, 0, 0) if i % 2 == 0 else self.shift_size, mut_attn=mut_attn,
-                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i],
-                 chunk_windows=chunk_windows, per_head=per_head, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for i in range(depth)])
+        self.drop_path_rates = tuple(float(r) for r in rates[:depth])
+        blocks = [TMSA(dim, num_heads, self.window_size, (0, 0, 0), mut_attn=mut_attn, mlp_ratio=mlp_ratio,
+                       qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=self.drop_path_rates[i],
+                       chunk_windows=chunk_windows, per_head=per_head, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+                  for i in range(depth)]
+        if blocks:
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b, nnx.Param) for b in blocks])
+            nnx.update(blocks[0], stacked)
+        self.blocks = blocks[0] if blocks else None
 
-    def _block_fn(self):
-        """A pure function (graphdef, state, x, labels, keep_masks, rate) -> x applying one block, rematerialised per
-        the configured policy."""
+    def block_shift(self, i: int):
+        """The window shift of block i: none for even i, `shift_size` for odd i (official alternation)."""
+        return (0, 0, 0) if i % 2 == 0 else self.shift_size
 
-        def apply(graphdef, state, x, labels, keep_masks, rate):
-            return nnx.merge(graphdef, state)(x, labels, keep_masks, rate)
+    def block_state(self, i: int):
+        """(graphdef, state) of block i alone: a TMSA with block i's parameters (its shift: `block_shift(i)`)."""
+        graphdef, state = nnx.split(self.blocks)
+        return graphdef, jax.tree.map(lambda leaf: leaf[i], state)
+
+    def _block_fn(self, static_rate: bool):
+        """A pure function (graphdef, state, x, labels, keep_masks, rate, shift) -> x applying one block,
+        rematerialised per the configured policy; `rate` is static (a float, or None: no drop path) or traced (the
+        scan over blocks)."""
+
+        def apply(graphdef, state, x, labels, keep_masks, rate, shift):
+            return nnx.merge(graphdef, state)(x, labels, keep_masks, rate, shift_size=shift)
 
         if self.remat == "none":
             return apply
-        return jax.checkpoint(apply, policy=_REMAT_POLICIES[self.remat], static_argnums=(0, 3))
+        static = (0, 3, 5, 6) if static_rate else (0, 3, 6)
+        return jax.checkpoint(apply, policy=_REMAT_POLICIES[self.remat], static_argnums=static)
 
     def __call__(self, x, rng=None):
         """x: [B, D, H, W, C] -> [B, D, H, W, C]; rng: drop-path key (training) or None."""
-        if len(self.blocks) == 0:
+        if self.depth == 0:
             return x
         _, d, h, w, _ = x.shape
         window_size, shift_size = get_window_size((d, h, w), self.window_size, self.shift_size)
@@ -405,40 +435,42 @@ class TMSAG(nnx.Module):
         hp = int(np.ceil(h / window_size[1])) * window_size[1]
         wp = int(np.ceil(w / window_size[2])) * window_size[2]
         labels = _HashableArray(compute_region_labels(dp, hp, wp, window_size, shift_size))
-        masks = None if rng is None else draw_keep_masks(rng, [b.drop_path_rate for b in self.blocks], x.shape[0])
-        apply = self._block_fn()
-        n_pairs = len(self.blocks) // 2 if self.scan_blocks and len(self.blocks) >= 4 else 0
+        masks = None if rng is None else draw_keep_masks(rng, self.drop_path_rates, x.shape[0])
+        n_pairs = self.depth // 2 if self.scan_blocks and self.depth >= 4 else 0
         if n_pairs:
-            x = self._scan_pairs(x, labels, masks, apply, n_pairs)
-        for i in range(2 * n_pairs, len(self.blocks)):
-            graphdef, state = nnx.split(self.blocks[i])
-            x = apply(graphdef, state, x, labels, None if masks is None else masks[i], None)
+            x = self._scan_pairs(x, labels, masks, n_pairs)
+        apply = self._block_fn(static_rate=True)
+        for i in range(2 * n_pairs, self.depth):
+            graphdef, state = self.block_state(i)
+            use = masks is not None
+            x = apply(graphdef, state, x, labels, masks[i] if use else None, self.drop_path_rates[i] if use else None,
+                      self.block_shift(i))
         return x
 
-    def _scan_pairs(self, x, labels, masks, apply, n_pairs):
+    def _scan_pairs(self, x, labels, masks, n_pairs):
         """Runs blocks 0 .. 2*n_pairs-1 as a lax.scan over (unshifted, shifted) pairs: one compiled body per group
-        instead of one per block. Parameters stay stored per block; they are stacked here (a cheap copy)."""
-        graphdef_a, _ = nnx.split(self.blocks[0])
-        graphdef_b, _ = nnx.split(self.blocks[1])
-        stack = lambda states: jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-        stacked_a = stack([nnx.split(self.blocks[2 * i])[1] for i in range(n_pairs)])
-        stacked_b = stack([nnx.split(self.blocks[2 * i + 1])[1] for i in range(n_pairs)])
-        rates = jnp.asarray([[self.blocks[2 * i].drop_path_rate, self.blocks[2 * i + 1].drop_path_rate]
-                             for i in range(n_pairs)], jnp.float32)
+        instead of one per block, over the stacked parameters viewed as [n_pairs, 2, ...]."""
+        graphdef, state = nnx.split(self.blocks)
+        pairs = jax.tree.map(lambda leaf: leaf[:2 * n_pairs].reshape((n_pairs, 2) + leaf.shape[1:]), state)
+        rates = jnp.asarray(self.drop_path_rates[:2 * n_pairs], jnp.float32).reshape(n_pairs, 2)
         use_masks = masks is not None
         # [n_pairs, 2 blocks, 2 residuals, B]
         pair_masks = masks[:2 * n_pairs].reshape((n_pairs, 2) + masks.shape[1:]) if use_masks \
             else jnp.zeros((n_pairs,), jnp.int32)
+        apply = self._block_fn(static_rate=False)
+        shift_a, shift_b = self.block_shift(0), self.block_shift(1)
 
         def body(carry, inputs):
-            state_a, state_b, pair_mask, rate = inputs
-            mask_a = pair_mask[0] if use_masks else None
-            mask_b = pair_mask[1] if use_masks else None
-            carry = apply(graphdef_a, state_a, carry, labels, mask_a, rate[0] if use_masks else None)
-            carry = apply(graphdef_b, state_b, carry, labels, mask_b, rate[1] if use_masks else None)
+            pair, pair_mask, rate = inputs
+            state_a = jax.tree.map(lambda leaf: leaf[0], pair)
+            state_b = jax.tree.map(lambda leaf: leaf[1], pair)
+            carry = apply(graphdef, state_a, carry, labels, pair_mask[0] if use_masks else None,
+                          rate[0] if use_masks else None, shift_a)
+            carry = apply(graphdef, state_b, carry, labels, pair_mask[1] if use_masks else None,
+                          rate[1] if use_masks else None, shift_b)
             return carry, None
 
-        x, _ = jax.lax.scan(body, x, (stacked_a, stacked_b, pair_masks, rates))
+        x, _ = jax.lax.scan(body, x, (pairs, pair_masks, rates))
         return x
 
 
