@@ -211,3 +211,22 @@ __all__ = ["MAIN", "REPO_ROOT", "TEST_XLA_FLAGS", "with_xla_flags", "losses_by_s
            "main_command", "overrides_to_flags", "read_jsonl", "run_main", "subprocess_env", "tail", "tiny_overrides",
            "TINY_SPEC", "make_tiny_root", "TINY_BATCH_SHAPES", "compiled_tiny_step", "group_leaves", "same_leaves",
            "tiny_batch", "tiny_train_steps", "TINY_SCHEDULE_STEPS", "tiny_run_config"]
+
+
+def blocks_one_by_one(tree):
+    """A parameter tree (nested dicts) in the layout checkpoints had before 2026-11-30: each TMSA group's stacked
+    blocks (a 'blocks' folder of arrays with a leading block axis) as one folder per block, '0', '1', ..."""
+    import numpy as np
+
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "blocks" and isinstance(value, Mapping) and "attn" in value:
+            import jax
+
+            depth = jax.tree.leaves(value)[0].shape[0]
+            out[key] = {str(i): jax.tree.map(lambda leaf, i=i: np.asarray(leaf)[i], value) for i in range(depth)}
+        else:
+            out[key] = blocks_one_by_one(value)
+    return out

@@ -2,14 +2,18 @@
 errors of the three conversion scripts (VRT, VGG, LPIPS)."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
+import helpers as testing
 from conftest import REPO_ROOT
 from vrtspike_jax.convert import CheckpointError, load_official_weights_into
 from vrtspike_jax.models.vrt import config_from_official_kwargs
@@ -46,6 +50,29 @@ def test_converted_checkpoint_restores_the_official_function(tmp_path, fixture_f
     with pytest.raises(CheckpointError, match=r"conv_first\.kernel has shape \(3, 3, 27, 16\), the configured VRT "
                                               r"expects \(3, 3, 27, 8\)"):
         load_official_weights_into(other, out)
+
+    # A checkpoint written before TMSA groups stored their blocks stacked (2026-11-30: one entry per block) still
+    # loads, for inference and as init.vrt_from, into the same model.
+    old_layout = tmp_path / "vrt_small_per_block"
+    shutil.copytree(out, old_layout)
+    shutil.rmtree(old_layout / "params")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(old_layout / "params", testing.blocks_one_by_one(checkpointer.restore(out / "params")))
+    with ocp.StandardCheckpointer() as checkpointer:
+        written = ["/".join(map(str, key)) for key in traverse_util.flatten_dict(checkpointer.restore(old_layout / "params"))]
+    assert any("/blocks/1/attn/" in key for key in written)     # really the per-block layout
+    old_model, _ = load_model_from_checkpoint(old_layout)
+    pairs = list(zip(jax.tree.leaves(nnx.state(old_model, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))))
+    assert len(pairs) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for got, want in pairs:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    old_spike = VRTWithSpike(VRTWithSpikeConfig(vrt=config_from_official_kwargs(**kwargs), spike_bins=4),
+                             rngs=nnx.Rngs(1))
+    load_official_weights_into(old_spike, old_layout)
+    for got, want in zip(jax.tree.leaves(nnx.state(old_spike.vrt, nnx.Param)),
+                         jax.tree.leaves(nnx.state(spike_model.vrt, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

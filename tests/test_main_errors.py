@@ -2,6 +2,7 @@
 with no traceback and nothing in the workdir that a corrected rerun would trip over (no run record, no checkpoint).
 Each case is the command a user would type, run in a subprocess."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,20 @@ def test_damaged_checkpoint_names_the_step_folder(tmp_path, embedded):
             path.write_bytes(b"damaged")
     expect_error(run(tmp_path / "w", "tiny", f"--config.data.embedded_dir={embedded}"),
                  str(tmp_path / "w" / "checkpoints" / "last" / "2"), "cannot restore", "--workdir")
+    assert not (tmp_path / "w" / "run_records").exists()
+
+
+def test_a_checkpoint_of_the_per_block_layout_says_it_cannot_resume_and_how_to_start_from_it(tmp_path, embedded):
+    import orbax.checkpoint as ocp
+
+    _fake_run(tmp_path / "w")
+    step_dir = tmp_path / "w" / "checkpoints" / "last" / "2"
+    with ocp.StandardCheckpointer() as checkpointer:
+        raw = checkpointer.restore(step_dir / "params")
+        shutil.rmtree(step_dir / "params")
+        checkpointer.save(step_dir / "params", testing.blocks_one_by_one(raw))
+    expect_error(run(tmp_path / "w", "tiny", f"--config.data.embedded_dir={embedded}"),
+                 str(step_dir), "blocks stacked", "cannot resume", f"--config.init.vrt_from={step_dir}")
     assert not (tmp_path / "w" / "run_records").exists()
 
 

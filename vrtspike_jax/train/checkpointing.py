@@ -268,10 +268,18 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
         if ema_decay > 0 and (step_dir / "train_state").is_dir():
             # A `last` checkpoint of a run with an EMA: the EMA (in its train state) is the model to restore, as
             # validation and `best` use it (a `best` checkpoint's params already are the EMA).
-            params = checkpointer.restore(step_dir / "train_state", _abstract_train_state(config, target, sharding))["ema"]
+            folder = step_dir / "train_state"
+            try:
+                params = checkpointer.restore(folder, _abstract_train_state(config, target, sharding))["ema"]
+            except Exception as err:  # Orbax raises many types; an older layout is fitted, else one clear error
+                params = _restore_older_layout(checkpointer, folder, target, err, part="ema")
             what = f"EMA (decay {ema_decay:g}) parameters"
         else:
-            params = checkpointer.restore(step_dir / "params", target)
+            folder = step_dir / "params"
+            try:
+                params = checkpointer.restore(folder, target)
+            except Exception as err:
+                params = _restore_older_layout(checkpointer, folder, target, err)
             what = "EMA parameters" if ema_decay > 0 else "model parameters"
     if lora_spec is not None:
         params = lora.merge(params, lora_spec)
@@ -279,6 +287,53 @@ def load_model_from_checkpoint(workdir_or_checkpoint_dir, step: Optional[int] = 
     model = nnx.merge(graphdef, params)
     logging.info("loaded %s from %s", what, step_dir)
     return model, config
+
+
+def fit_layout(raw, target, path: Tuple[str, ...] = ()):
+    """A parameter tree restored without a target (`raw`: nested dicts, digit-string keys for list entries) in the
+    structure of `target` (a tree of ShapeDtypeStructs). Where `target` holds a TMSA group's stacked blocks and `raw`
+    the group's blocks one by one (`.../blocks/0/...`, `.../blocks/1/...`: checkpoints written before 2026-11-30),
+    the blocks are stacked on a leading axis. ValueError naming the first path that does not fit."""
+    where = "/".join(path) or "the tree"
+    if isinstance(target, Mapping):
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}: expected a folder of parameters, found an array")
+        keys = [str(k) for k in target]
+        if raw and all(str(k).isdigit() for k in raw) and not all(k.isdigit() for k in keys):
+            blocks = [raw[k] for k in sorted(raw, key=int)]
+            try:
+                raw = jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *blocks)
+            except ValueError as err:
+                raise ValueError(f"{where}: its {len(blocks)} blocks differ in structure ({err})") from None
+        out = {}
+        for key, sub in target.items():
+            found = key if key in raw else str(key)
+            if found not in raw:
+                raise ValueError(f"{'/'.join(path + (str(key),))}: missing")
+            out[key] = fit_layout(raw[found], sub, path + (str(key),))
+        extra = sorted(set(map(str, raw)) - set(keys))
+        if extra:
+            raise ValueError(f"{'/'.join(path + (extra[0],))}: not a parameter of the configured model")
+        return out
+    if isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected an array, found a folder")
+    if tuple(np.shape(raw)) != tuple(target.shape):
+        raise ValueError(f"{where}: shape {tuple(np.shape(raw))}, the configured model expects {tuple(target.shape)}")
+    return np.asarray(raw, target.dtype)
+
+
+def _restore_older_layout(checkpointer, folder: Path, target, err: Exception, part: Optional[str] = None):
+    """After a failed restore into `target`: the folder restored without a target, its `part` taken (None: all),
+    fitted to `target` (`fit_layout`) and placed in the target's shardings. CheckpointReadError naming the folder
+    and the first problem otherwise."""
+    try:
+        raw = checkpointer.restore(folder)
+        fitted = fit_layout(raw if part is None else raw[part], target)
+    except Exception as problem:
+        raise CheckpointReadError(f"{folder}: cannot restore the parameters of this checkpoint into the configured "
+                                  f"model ({' '.join(str(problem).split())[:300]})") from err
+    logging.warning("%s: restored from an older parameter layout (TMSA blocks one by one, now stacked)", folder)
+    return jax.tree.map(lambda array, t: jax.device_put(array, t.sharding), fitted, target)
 
 
 def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
@@ -292,5 +347,5 @@ def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
             "rng": on_device(jax.ShapeDtypeStruct((2,), jnp.uint32)), "ema": abstract_params}
 
 
-__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "LAST", "RunCheckpoints",
-           "config_to_dict", "load_model_from_checkpoint", "resolve_checkpoint_dir"]
+__all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "CheckpointReadError", "LAST", "RunCheckpoints",
+           "config_to_dict", "fit_layout", "load_model_from_checkpoint", "resolve_checkpoint_dir"]

@@ -591,6 +591,11 @@ def restore_run(checkpoints: checkpointing.RunCheckpoints, step: int, setup: Tra
             params, train_state, position, _ = checkpoints.restore_last(step, *setup.abstract_targets())
     except Exception as err:  # Orbax / tensorstore raise many types for a damaged or foreign folder
         checkpoints.close()     # its background threads would otherwise print tracebacks at exit
+        if _holds_older_layout(last_dir, setup.abstract_targets()[0]):
+            raise checkpointing.CheckpointReadError(
+                f"{last_dir}: written before TMSA groups stored their blocks stacked (2026-11-30), so its optimizer "
+                f"state cannot resume; its parameters still load: start a new --workdir with "
+                f"--config.init.vrt_from={last_dir} (or restore it with scripts/test.py)") from err
         raise checkpointing.CheckpointReadError(
             f"{last_dir}: cannot restore this checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
             "move that step folder away to resume from the previous one, or use a new --workdir") from err
@@ -602,6 +607,20 @@ def restore_run(checkpoints: checkpointing.RunCheckpoints, step: int, setup: Tra
                         "uninterrupted run", position.get("global_batch_size"), global_batch_size)
     logging.info("resumed from %s (step %d)", last_dir, step)
     return params, train_state, position, str(last_dir)
+
+
+def _holds_older_layout(step_dir: Path, abstract_params) -> bool:
+    """Whether the parameters in `step_dir` are this model's in the layout before TMSA groups stored their blocks
+    stacked (one folder per block; `checkpointing.fit_layout` stacks them)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            raw = checkpointer.restore(step_dir / "params")
+        checkpointing.fit_layout(raw, abstract_params)
+    except Exception:
+        return False
+    return True
 
 
 def open_input(config: run_config.RunConfig, start_step: int):
