@@ -160,8 +160,10 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
 
     def adamw(offset: int = 0):
         rate = schedule if offset == 0 else (lambda count: schedule(count + offset))
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=rate, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                                     weight_decay=opt.weight_decay)
+        # Only the learning rate is injected (logged, scheduled); the others are compile-time constants, not
+        # arguments of the step that every parameter leaf's update reads.
+        return optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"))(
+            learning_rate=rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
 
     settings = param_groups.group_settings(config)
     if param_groups.is_default(settings):
