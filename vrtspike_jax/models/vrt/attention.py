@@ -449,9 +449,13 @@ class TMSAG(nnx.Module):
 
     def _scan_pairs(self, x, labels, masks, n_pairs):
         """Runs blocks 0 .. 2*n_pairs-1 as a lax.scan over (unshifted, shifted) pairs: one compiled body per group
-        instead of one per block, over the stacked parameters viewed as [n_pairs, 2, ...]."""
+        instead of one per block, over the stacked parameters."""
         graphdef, state = nnx.split(self.blocks)
-        pairs = jax.tree.map(lambda leaf: leaf[:2 * n_pairs].reshape((n_pairs, 2) + leaf.shape[1:]), state)
+        # The unshifted and the shifted blocks as two scanned inputs (strided slices of the stack, parameter-sized
+        # copies): a body that indexed one [2, ...] input instead let XLA:CPU's scheduler keep more of the
+        # attention's backward buffers alive (57.9 -> 60.5 GiB of temporaries at 5x256x256).
+        even = jax.tree.map(lambda leaf: leaf[0:2 * n_pairs:2], state)
+        odd = jax.tree.map(lambda leaf: leaf[1:2 * n_pairs:2], state)
         rates = jnp.asarray(self.drop_path_rates[:2 * n_pairs], jnp.float32).reshape(n_pairs, 2)
         use_masks = masks is not None
         # [n_pairs, 2 blocks, 2 residuals, B]
@@ -461,16 +465,14 @@ class TMSAG(nnx.Module):
         shift_a, shift_b = self.block_shift(0), self.block_shift(1)
 
         def body(carry, inputs):
-            pair, pair_mask, rate = inputs
-            state_a = jax.tree.map(lambda leaf: leaf[0], pair)
-            state_b = jax.tree.map(lambda leaf: leaf[1], pair)
+            state_a, state_b, pair_mask, rate = inputs
             carry = apply(graphdef, state_a, carry, labels, pair_mask[0] if use_masks else None,
                           rate[0] if use_masks else None, shift_a)
             carry = apply(graphdef, state_b, carry, labels, pair_mask[1] if use_masks else None,
                           rate[1] if use_masks else None, shift_b)
             return carry, None
 
-        x, _ = jax.lax.scan(body, x, (pairs, pair_masks, rates))
+        x, _ = jax.lax.scan(body, x, (even, odd, pair_masks, rates))
         return x
 
 
