@@ -59,7 +59,8 @@ def test_converted_checkpoint_restores_the_official_function(tmp_path, fixture_f
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(old_layout / "params", testing.blocks_one_by_one(checkpointer.restore(out / "params")))
     with ocp.StandardCheckpointer() as checkpointer:
-        written = ["/".join(map(str, key)) for key in traverse_util.flatten_dict(checkpointer.restore(old_layout / "params"))]
+        written = ["/".join(map(str, key))
+                   for key in traverse_util.flatten_dict(checkpointer.restore(old_layout / "params"))]
     assert any("/blocks/1/attn/" in key for key in written)     # really the per-block layout
     old_model, _ = load_model_from_checkpoint(old_layout)
     pairs = list(zip(jax.tree.leaves(nnx.state(old_model, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))))
@@ -72,7 +73,6 @@ def test_converted_checkpoint_restores_the_official_function(tmp_path, fixture_f
     for got, want in zip(jax.tree.leaves(nnx.state(old_spike.vrt, nnx.Param)),
                          jax.tree.leaves(nnx.state(spike_model.vrt, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

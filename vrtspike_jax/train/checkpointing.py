@@ -322,6 +322,17 @@ def fit_layout(raw, target, path: Tuple[str, ...] = ()):
     return np.asarray(raw, target.dtype)
 
 
+def holds_older_layout(step_dir: Path, abstract_params) -> bool:
+    """Whether the parameters in `step_dir` are those of `abstract_params`' model in the layout before TMSA groups
+    stored their blocks stacked (one folder per block; `fit_layout` stacks them)."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            fit_layout(checkpointer.restore(Path(step_dir) / "params"), abstract_params)
+    except Exception:  # Orbax raises many types for a folder it cannot read
+        return False
+    return True
+
+
 def _restore_older_layout(checkpointer, folder: Path, target, err: Exception, part: Optional[str] = None):
     """After a failed restore into `target`: the folder restored without a target, its `part` taken (None: all),
     fitted to `target` (`fit_layout`) and placed in the target's shardings. CheckpointReadError naming the folder
@@ -348,4 +359,4 @@ def _abstract_train_state(config, abstract_params, sharding) -> Dict[str, Any]:
 
 
 __all__ = ["BEST", "CHECKPOINT_DIR", "CheckpointNotFoundError", "CheckpointReadError", "LAST", "RunCheckpoints",
-           "config_to_dict", "fit_layout", "load_model_from_checkpoint", "resolve_checkpoint_dir"]
+           "config_to_dict", "fit_layout", "holds_older_layout", "load_model_from_checkpoint", "resolve_checkpoint_dir"]

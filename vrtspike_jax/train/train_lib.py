@@ -274,7 +274,7 @@ def make_train_step(graphdef, loss_fn: RestorationLoss, tx: optax.GradientTransf
                 return loss_fn(restored, batch["sharp"], vgg_params)
 
         (loss, terms), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-        # The update runs leaf by leaf (about 7 kernels per parameter leaf): its own scope, so that the breakdown
+        # The update runs leaf by leaf (several kernels per parameter leaf): its own scope, so that the breakdown
         # scripts (scripts/memory_breakdown.py, time_breakdown.py) name it.
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
@@ -593,7 +593,7 @@ def restore_run(checkpoints: checkpointing.RunCheckpoints, step: int, setup: Tra
             params, train_state, position, _ = checkpoints.restore_last(step, *setup.abstract_targets())
     except Exception as err:  # Orbax / tensorstore raise many types for a damaged or foreign folder
         checkpoints.close()     # its background threads would otherwise print tracebacks at exit
-        if _holds_older_layout(last_dir, setup.abstract_targets()[0]):
+        if checkpointing.holds_older_layout(last_dir, setup.abstract_targets()[0]):
             raise checkpointing.CheckpointReadError(
                 f"{last_dir}: written before TMSA groups stored their blocks stacked (2026-11-30), so its optimizer "
                 f"state cannot resume; its parameters still load: start a new --workdir with "
@@ -609,20 +609,6 @@ def restore_run(checkpoints: checkpointing.RunCheckpoints, step: int, setup: Tra
                         "uninterrupted run", position.get("global_batch_size"), global_batch_size)
     logging.info("resumed from %s (step %d)", last_dir, step)
     return params, train_state, position, str(last_dir)
-
-
-def _holds_older_layout(step_dir: Path, abstract_params) -> bool:
-    """Whether the parameters in `step_dir` are this model's in the layout before TMSA groups stored their blocks
-    stacked (one folder per block; `checkpointing.fit_layout` stacks them)."""
-    import orbax.checkpoint as ocp
-
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            raw = checkpointer.restore(step_dir / "params")
-        checkpointing.fit_layout(raw, abstract_params)
-    except Exception:
-        return False
-    return True
 
 
 def open_input(config: run_config.RunConfig, start_step: int):

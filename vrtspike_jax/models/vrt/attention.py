@@ -375,9 +375,10 @@ class TMSAG(nnx.Module):
     of length `depth` (block i's parameters are `leaf[i]`; block i is unshifted for even i, shifted for odd i). The
     blocks are drawn one by one as separate modules would be (same initial values) and then stacked. The scan over
     blocks (`scan_blocks`) takes the even and the odd blocks as two strided slices of the stack, and the train
-    step's optimizer sees one leaf per parameter kind of the group instead of one per block: on the official deblurring VRT 1,410 parameter leaves
-    become 530, which is what XLA compiles per leaf (AdamW, the clipping, the non-finite guard, EMA) and what the
-    GPU compiler's fusion pass rates against each of the optimizer's scalars (docs/PERFORMANCE.md)."""
+    step's optimizer sees one leaf per parameter kind of the group instead of one per block: on the official
+    deblurring VRT 1,410 parameter leaves become 530, which is what XLA compiles per leaf (AdamW, the clipping, the
+    non-finite guard, EMA) and what the GPU compiler's fusion pass rates against each of the optimizer's scalars
+    (docs/PERFORMANCE.md)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
