@@ -16,7 +16,8 @@ Where the factors live: `params["lora"]`, a nested dict that mirrors the target 
 [depth, in, r]). They form the parameter group `lora` (train/param_groups.py); the `lora` config variant freezes
 VRT's own groups for the run, so only the factors (and the spike path) train. `apply` gives the model's plain
 parameter tree (what `nnx.merge` takes): inside the train step, for validation, and when a checkpoint is loaded
-(`merge` writes it as a plain checkpoint: scripts/merge_lora.py). Checkpoints hold the full state (VRT's frozen weights and the factors).
+(`merge` writes it as a plain checkpoint: scripts/merge_lora.py). Checkpoints hold the full state (VRT's frozen
+weights and the factors).
 
 Why a reparameterisation and not adapter modules: the model's code and parameter tree stay those of VRT, so a merged
 tree restores into the plain model with no conversion, and the un-merged and merged forwards share every op. The
