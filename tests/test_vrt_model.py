@@ -181,27 +181,41 @@ def test_gradients_finite_and_match_finite_differences():
         assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-7, (path, numeric, analytic)
 
 
-@pytest.mark.parametrize("logits_shape", [(7, 4, 16, 16), (7, 16, 16)])
-def test_the_window_bias_add_has_the_gradient_of_the_plain_add(logits_shape):
-    """attention.add_window_bias writes out its gradient (a matrix-vector product for the bias's sum over
-    windows): value and both gradients equal those of `logits + bias[None]`, for the per-head and the all-heads
-    layouts."""
-    from vrtspike_jax.models.vrt.attention import add_window_bias
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_window_attention_has_the_value_and_gradients_of_softmax_attention(per_head, with_labels):
+    """attention.window_attention writes out its gradient (probabilities recomputed from the saved log-sum-exp,
+    the bias's sum over windows as a matrix-vector product): value and the gradients of q, k, v and the bias equal
+    autodiff of plain softmax attention with the bias and the official -100 region mask, one head at a time or all
+    heads at once."""
+    from vrtspike_jax.models.vrt.attention import window_attention
 
     rng = np.random.default_rng(0)
-    logits = jnp.asarray(rng.standard_normal(logits_shape), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(logits_shape[1:]), jnp.float32)
-    weight = jnp.asarray(rng.standard_normal(logits_shape), jnp.float32)
+    heads, windows, n, hd = 3, 5, 32, 8
+    q, k, v, weight = (jnp.asarray(rng.standard_normal((heads, windows, n, hd)), jnp.float32) for _ in range(4))
+    bias = jnp.asarray(rng.standard_normal((heads, n, n)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, (windows, n)), jnp.int32) if with_labels else None
 
-    def loss(add, l, b):
-        return jnp.sum(jnp.tanh(add(l, b)) * weight)
+    def plain(q, k, v, bias):
+        logits = jnp.einsum("hbqd,hbkd->hbqk", q * 0.25, k) + bias[:, None]
+        if labels is not None:
+            logits = logits + jnp.where(labels[:, :, None] == labels[:, None, :], 0.0, -100.0)[None]
+        return jnp.einsum("hbqk,hbkd->hbqd", jax.nn.softmax(logits, axis=-1), v)
 
-    plain = jax.jit(jax.value_and_grad(lambda l, b: loss(lambda x, y: x + y[None], l, b), argnums=(0, 1)))(logits, bias)
-    ours = jax.jit(jax.value_and_grad(lambda l, b: loss(add_window_bias, l, b), argnums=(0, 1)))(logits, bias)
-    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
-    np.testing.assert_array_equal(ours[1][0], plain[1][0])   # the logits' gradient passes through unchanged
-    np.testing.assert_allclose(ours[1][1], plain[1][1], rtol=1e-5, atol=1e-6)
-    assert ours[1][1].shape == bias.shape and ours[1][1].dtype == bias.dtype
+    def loss(attend, *args):
+        return jnp.sum(jnp.tanh(attend(*args)) * weight)
+
+    ours = jax.jit(jax.value_and_grad(
+        lambda *a: loss(lambda *b: window_attention(*b, labels, 0.25, per_head), *a), argnums=(0, 1, 2, 3)))
+    reference = jax.jit(jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2, 3)))
+    (value, grads), (value_ref, grads_ref) = ours(q, k, v, bias), reference(q, k, v, bias)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for name, grad, grad_ref in zip("qkvb", grads, grads_ref):
+        assert grad.shape == grad_ref.shape and grad.dtype == grad_ref.dtype, name
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=2e-6 * float(jnp.max(jnp.abs(grad_ref))),
+                                   err_msg=name)
+    np.testing.assert_allclose(window_attention(q, k, v, bias, labels, 0.25, per_head), plain(q, k, v, bias),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_masks_keep_each_sample_with_one_minus_the_block_rate():

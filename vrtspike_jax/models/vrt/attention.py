@@ -7,7 +7,7 @@ position indices and the mutual-attention frame split line up with the official 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -87,31 +87,94 @@ def _mask_from_labels(labels):
     return jnp.where(same, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
 
 
-@jax.custom_vjp
-def add_window_bias(logits, bias):
-    """logits + bias[None]: the relative position bias ([heads, n, n] or [n, n]) added to the logits of every
-    window (axis 0 of logits), in the logits' dtype.
-
-    The same function as the plain add; only its gradient is written out. The bias's gradient is the sum of the
-    logits' gradient over the windows, here a matrix-vector product with ones (at full float32 precision) instead
-    of the reduction autodiff makes: XLA:CPU (jaxlib 0.10) fuses that reduction with the softmax gradient into
-    one YNNPACK kernel that ran at under 1 GB/s (44 ms per call on [64, 384, 384]), a quarter of a stage-8
-    attention block's value-and-gradient time (0.67 s -> 0.50 s with this, bit-identical gradients;
-    docs/PERFORMANCE.md, "Where the time goes")."""
-    return logits + bias[None].astype(logits.dtype)
+def _head_logits(qh, kh, bias_h, labels, scale):
+    """Logits of one head over all windows, float32: qh, kh [M, n, hd]; bias_h [n, n] or None; labels [M, n] or
+    None (tokens of different shifted regions get MASK_VALUE, built here instead of a stored [M, n, n] mask)."""
+    logits = jnp.einsum("bqd,bkd->bqk", qh * jnp.asarray(scale, qh.dtype), kh, preferred_element_type=jnp.float32)
+    if bias_h is not None:
+        logits = logits + bias_h[None].astype(jnp.float32)
+    if labels is not None:
+        logits = logits + _mask_from_labels(labels)[:, 0]
+    return logits
 
 
-def _add_window_bias_fwd(logits, bias):
-    return add_window_bias(logits, bias), jnp.zeros((0,), bias.dtype)   # residual: the bias's dtype only
+def _head_forward(qh, kh, vh, bias_h, labels, scale):
+    """Softmax attention of one head: -> (out [M, n, hd] in v's dtype, log-sum-exp of the logits [M, n] float32).
+    The probabilities are jax.nn.softmax's: exp(logits - max) / sum."""
+    logits = _head_logits(qh, kh, bias_h, labels, scale)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("bqk,bkd->bqd", (unnormalised / total).astype(vh.dtype), vh)
+    return out, (peak + jnp.log(total))[..., 0]
 
 
-def _add_window_bias_bwd(bias_dtype_carrier, g):
-    windows = jnp.ones((g.shape[0],), g.dtype)
-    grad_bias = jnp.einsum("m,m...->...", windows, g, precision=jax.lax.Precision.HIGHEST)
-    return g, grad_bias.astype(bias_dtype_carrier.dtype)
+def _head_backward(qh, kh, vh, bias_h, labels, out, lse, grad_out, scale):
+    """Gradients (q, k, v, bias) of one head from the forward's output and log-sum-exp: the probabilities are
+    recomputed as exp(logits - lse) (no max or sum over the keys), and the softmax's row sum
+    sum_k(dP * P) is sum_d(dO * O), a sum over the head's features instead of the keys."""
+    logits = _head_logits(qh, kh, bias_h, labels, scale)
+    probs = jnp.exp(logits - lse[..., None])
+    grad_v = jnp.einsum("bqk,bqd->bkd", probs.astype(vh.dtype), grad_out.astype(vh.dtype),
+                        preferred_element_type=jnp.float32)
+    grad_probs = jnp.einsum("bqd,bkd->bqk", grad_out.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+    row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    grad_logits = probs * (grad_probs - row)
+    scaled = jnp.asarray(scale, jnp.float32)
+    grad_q = jnp.einsum("bqk,bkd->bqd", grad_logits.astype(kh.dtype), kh, preferred_element_type=jnp.float32) * scaled
+    grad_k = jnp.einsum("bqk,bqd->bkd", grad_logits.astype(qh.dtype), qh, preferred_element_type=jnp.float32) * scaled
+    grad_bias = None
+    if bias_h is not None:
+        # The sum over windows as a matrix-vector product with ones at full float32 precision: the reduction
+        # autodiff makes was fused by XLA:CPU (jaxlib 0.10) with the softmax gradient into one YNNPACK kernel
+        # that ran at under 1 GB/s (docs/PERFORMANCE.md, "Where the time goes").
+        windows = jnp.ones((grad_logits.shape[0],), jnp.float32)
+        grad_bias = jnp.einsum("m,mqk->qk", windows, grad_logits,
+                               precision=jax.lax.Precision.HIGHEST).astype(bias_h.dtype)
+    return grad_q.astype(qh.dtype), grad_k.astype(kh.dtype), grad_v.astype(vh.dtype), grad_bias
 
 
-add_window_bias.defvjp(_add_window_bias_fwd, _add_window_bias_bwd)
+def _over_heads(fn, per_head, *args):
+    """fn on head-major arguments ([heads, ...] or None): one head at a time under lax.map (the logits of one
+    head alive at a time) or all heads at once (vmap)."""
+    if per_head:
+        return jax.lax.map(lambda a: fn(*a), args)
+    return jax.vmap(fn)(*args)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def window_attention(q, k, v, bias, labels, scale, per_head):
+    """Softmax attention of every head over every window, with the gradient written out as flash attention does.
+
+    q, k, v: [heads, M, n, hd]; bias: [heads, n, n] (float, the relative position bias added to every window's
+    logits) or None; labels: [M, n] region labels (tokens with different labels do not attend to each other,
+    official mask value -100) or None; scale: the query scale (static); per_head: run one head at a time (static).
+    Returns [heads, M, n, hd] in v's dtype; logits, softmax and the gradients' products in float32.
+
+    The forward pass is jax.nn.softmax attention. The backward pass keeps q, k, v, the output and the logits'
+    log-sum-exp ([heads, M, n]) and recomputes each head's probabilities from them. Autodiff of a rematerialised
+    head recomputes the whole forward instead (logits, max, sum, the probability-value product) and takes the
+    softmax's row sums over the keys. Under a rematerialised TMSA block that was a third pass over the attention.
+    """
+    out, _ = _window_attention_fwd(q, k, v, bias, labels, scale, per_head)
+    return out
+
+
+def _window_attention_fwd(q, k, v, bias, labels, scale, per_head):
+    out, lse = _over_heads(lambda qh, kh, vh, bh: _head_forward(qh, kh, vh, bh, labels, scale), per_head,
+                           q, k, v, bias)
+    return out, (q, k, v, bias, labels, out, lse)
+
+
+def _window_attention_bwd(scale, per_head, residuals, grad_out):
+    q, k, v, bias, labels, out, lse = residuals
+    grad_q, grad_k, grad_v, grad_bias = _over_heads(
+        lambda qh, kh, vh, bh, oh, sh, gh: _head_backward(qh, kh, vh, bh, labels, oh, sh, gh, scale), per_head,
+        q, k, v, bias, out, lse, grad_out)
+    return grad_q, grad_k, grad_v, grad_bias, None
+
+
+window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -191,58 +254,30 @@ class WindowAttention(nnx.Module):
         table = self.relative_position_bias_table[...]
         return jnp.take(table, jnp.asarray(index), axis=0).reshape(n, n, -1).transpose(2, 0, 1)
 
-    def _heads(self, t):
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)  # M, heads, n, hd
+    def _heads(self, qkv):
+        """[M, n, 3C] -> q, k, v, each [heads, M, n, hd] (one transpose for the three)."""
+        m, n, c3 = qkv.shape
+        qkv = qkv.reshape(m, n, 3, self.num_heads, c3 // (3 * self.num_heads)).transpose(2, 3, 0, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
     def _attend(self, q, k, v, labels, bias):
-        """q, k, v: [M, heads, n, hd]; labels: [M, n] region labels or None; bias [heads, n, n] or None.
-        Returns [M, n, heads*hd]. Logits and softmax in float32."""
-        m, heads, n, hd = q.shape
-        if self.per_head:
-            return self._attend_per_head(q, k, v, labels, bias)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k,
-                            preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = add_window_bias(logits, bias.astype(jnp.float32))
-        if labels is not None:
-            logits = logits + _mask_from_labels(labels)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return out.transpose(0, 2, 1, 3).reshape(m, n, heads * hd)
-
-    def _attend_per_head(self, q, k, v, labels, bias):
-        """As _attend, one head at a time under lax.map with a rematerialised body: training holds the logits of
-        one head (1/heads of all) at a time, while every matmul still spans all windows."""
-        m, heads, n, hd = q.shape
-        scale = jnp.asarray(self.scale, q.dtype)
-
-        def one_head(args):
-            qh, kh, vh, bh = args
-            logits = jnp.einsum("bqd,bkd->bqk", qh * scale, kh, preferred_element_type=jnp.float32)
-            if bias is not None:
-                logits = add_window_bias(logits, bh.astype(jnp.float32))
-            if labels is not None:  # built here, fused into the add, instead of a stored [M, n, n] mask
-                logits = logits + _mask_from_labels(labels)[:, 0]
-            probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
-            return jnp.einsum("bqk,bkd->bqd", probs, vh)
-
-        per_head = lambda t: t.transpose(1, 0, 2, 3)  # noqa: E731
-        bias_h = bias if bias is not None else jnp.zeros((heads,), q.dtype)
-        out = jax.lax.map(jax.checkpoint(one_head), (per_head(q), per_head(k), per_head(v), bias_h))
+        """q, k, v: [heads, M, n, hd]; labels: [M, n] region labels or None; bias [heads, n, n] or None.
+        Returns [M, n, heads*hd]. Logits and softmax in float32 (`window_attention`); with `per_head` one head at
+        a time, so that training holds the logits of one head (1/heads of all) while every matmul spans all
+        windows."""
+        heads, m, n, hd = q.shape
+        bias = None if bias is None else bias.astype(jnp.float32)
+        out = window_attention(q, k, v, bias, labels, self.scale, self.per_head)
         return out.transpose(1, 2, 0, 3).reshape(m, n, heads * hd)
 
     def _core(self, qkv, qkv_mut, labels, bias):
         """Attention of M windows: qkv, qkv_mut [M, n, 3C]; labels [M, n] or None -> [M, n, C or 2C]."""
-        m, n, c3 = qkv.shape
-        c = c3 // 3
-        qkv = qkv.reshape(m, n, 3, c)
-        q, k, v = (self._heads(qkv[:, :, i]) for i in range(3))
+        n = qkv.shape[1]
+        q, k, v = self._heads(qkv)
         out = self._attend(q, k, v, labels, bias)
         if qkv_mut is None:
             return out
-        qkv_mut = qkv_mut.reshape(m, n, 3, c)
-        q, k, v = (self._heads(qkv_mut[:, :, i]) for i in range(3))
+        q, k, v = self._heads(qkv_mut)
         half = n // 2
         half_labels = None if labels is None else labels[:, :half]  # official mask[:, :N/2, :N/2]
         # Frame-0 slots hold what frame-1 queries gather from frame 0, and vice versa (official order).

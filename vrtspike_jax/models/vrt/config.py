@@ -26,9 +26,10 @@ class VRTConfig:
       scan_blocks: run repeated TMSA blocks with `jax.lax.scan` (compiled once per group, not unrolled).
       attention_chunk_windows: if > 0, attention runs over chunks of at most this many windows, each chunk
         rematerialised, so training holds the attention logits of one chunk at a time (0: all windows at once).
-      attention_per_head: attention runs one head at a time (lax.map, rematerialised), so training holds the
+      attention_per_head: attention runs one head at a time (lax.map, forward and backward), so training holds the
         logits of one head at a time; every matmul still spans all windows (unlike attention_chunk_windows, at
-        no cost in speed on CPU).
+        no cost in speed on CPU). With or without it, the backward pass recomputes the probabilities from the
+        saved log-sum-exp (`attention.window_attention`).
       alignment_chunk: if > 0, the parallel-warping DCN runs over chunks of at most this many (frame pair x
         direction) problems, each rematerialised (0: all 2(D-1)N problems at once).
       dtype: compute dtype (None = float32; 'bfloat16' for mixed precision); parameters stay `param_dtype`.
