@@ -274,3 +274,26 @@ def test_a_group_stores_its_blocks_stacked_with_the_values_of_blocks_drawn_one_b
         for got, want in zip(jax.tree.leaves(jax.tree.map(lambda leaf: leaf[i], stacked)), jax.tree.leaves(state)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not np.array_equal(np.asarray(leaves[0][0]), np.asarray(leaves[0][1]))   # distinct blocks
+
+
+def test_a_stages_gradients_come_before_its_input_gradient_unchanged():
+    """vrt.gradients_before_input is the identity and leaves every gradient as it was: it only makes the input's
+    cotangent depend on the stage's parameter and flow cotangents (an ordering for XLA's scheduler)."""
+    from vrtspike_jax.models.vrt.vrt import gradients_before_input
+
+    rng = np.random.default_rng(1)
+    state = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), "b": jnp.asarray(rng.standard_normal(3))}
+    x = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+    flows = [jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)]
+
+    def stage(state, x, flows):
+        return jnp.sum(jnp.tanh(x @ state["w"] + state["b"] + flows[0]) ** 2)
+
+    def tied(state, x, flows):
+        return stage(*gradients_before_input(state, x, flows))
+
+    plain = jax.jit(jax.value_and_grad(stage, argnums=(0, 1, 2)))(state, x, flows)
+    ours = jax.jit(jax.value_and_grad(tied, argnums=(0, 1, 2)))(state, x, flows)
+    assert ours[0] == plain[0]
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_array_equal(a, b)

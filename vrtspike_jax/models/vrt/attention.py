@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrtspike_jax.models.vrt.layers import LayerNorm, Linear, MlpGEGLU, trunc_normal_init
+from vrtspike_jax.models.vrt.layers import LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent, trunc_normal_init
 
 MASK_VALUE = -100.0  # the official mask value between tokens of different shifted regions
 
@@ -258,7 +258,9 @@ class WindowAttention(nnx.Module):
         """[M, n, 3C] -> q, k, v, each [heads, M, n, hd] (one transpose for the three)."""
         m, n, c3 = qkv.shape
         qkv = qkv.reshape(m, n, 3, self.num_heads, c3 // (3 * self.num_heads)).transpose(2, 3, 0, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        # jnp.split, not indexing: its gradient is one concatenation, where each index's gradient was a zero-padded
+        # copy of the whole [3, ...] tensor, three of them summed
+        return tuple(t[0] for t in jnp.split(qkv, 3, axis=0))
 
     def _attend(self, q, k, v, labels, bias):
         """q, k, v: [heads, M, n, hd]; labels: [M, n] region labels or None; bias [heads, n, n] or None.
@@ -280,9 +282,10 @@ class WindowAttention(nnx.Module):
         q, k, v = self._heads(qkv_mut)
         half = n // 2
         half_labels = None if labels is None else labels[:, :half]  # official mask[:, :N/2, :N/2]
+        (q0, q1), (k0, k1), (v0, v1) = (jnp.split(t, 2, axis=2) for t in (q, k, v))   # the two frames
         # Frame-0 slots hold what frame-1 queries gather from frame 0, and vice versa (official order).
-        x1_aligned = self._attend(q[:, :, half:], k[:, :, :half], v[:, :, :half], half_labels, None)
-        x2_aligned = self._attend(q[:, :, :half], k[:, :, half:], v[:, :, half:], half_labels, None)
+        x1_aligned = self._attend(q1, k0, v0, half_labels, None)
+        x2_aligned = self._attend(q0, k1, v1, half_labels, None)
         return jnp.concatenate([jnp.concatenate([x1_aligned, x2_aligned], axis=1), out], axis=2)
 
     def __call__(self, x, region_labels: Optional[np.ndarray] = None):
@@ -458,6 +461,18 @@ class TMSAG(nnx.Module):
 
         if self.remat == "none":
             return apply
+        if self.remat == "full":
+            # Recomputed only once the block's output cotangent exists (layers.checkpoint_after_cotangent): with
+            # jax.checkpoint XLA:CPU started the recomputation of unrolled blocks early in the backward pass.
+            if static_rate:
+                def ordered(graphdef, state, x, labels, keep_masks, rate, shift):
+                    fn = lambda st, y, km: apply(graphdef, st, y, labels, km, rate, shift)  # noqa: E731
+                    return checkpoint_after_cotangent(fn)(state, x, keep_masks)
+            else:
+                def ordered(graphdef, state, x, labels, keep_masks, rate, shift):
+                    fn = lambda st, y, km, r: apply(graphdef, st, y, labels, km, r, shift)  # noqa: E731
+                    return checkpoint_after_cotangent(fn)(state, x, keep_masks, rate)
+            return ordered
         static = (0, 3, 5, 6) if static_rate else (0, 3, 6)
         return jax.checkpoint(apply, policy=_REMAT_POLICIES[self.remat], static_argnums=static)
 

@@ -184,3 +184,65 @@ def variance_scaling_init(scale: float, mode: str, distribution: str):
 he_normal_init = lambda: variance_scaling_init(2.0, "fan_in", "truncated_normal")  # noqa: E731
 lecun_normal_init = lambda: variance_scaling_init(1.0, "fan_in", "truncated_normal")  # noqa: E731  (nnx.Linear's)
 xavier_uniform_init = lambda: variance_scaling_init(1.0, "fan_avg", "uniform")  # noqa: E731
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orderings of the backward pass for XLA's scheduler
+
+@jax.custom_vjp
+def gradients_before_input(state, x, flows):
+    """Identity on (a stage's parameters, its input, its flows). In the backward pass the input's cotangent is made
+    to depend on every parameter and flow cotangent of the stage (plus zero times one element of each), so that
+    the stage's whole backward pass finishes before the backward pass of the stages before it begins.
+
+    Used at each stage's input and at its alignment's input. Without it XLA:CPU's scheduler left the weight and
+    flow gradients of a stage's alignment (and the activation-sized buffers they read) for late: stage 7's were
+    still alive while stage 1's backward pass ran, at the train step's memory peak (docs/PERFORMANCE.md, "Where
+    the memory peak sits")."""
+    return state, x, flows
+
+
+def _gradients_before_input_fwd(state, x, flows):
+    return (state, x, flows), None
+
+
+def _gradients_before_input_bwd(_, cotangents):
+    grad_state, grad_x, grad_flows = cotangents
+    zero = jnp.zeros((), jnp.float32) * _first_elements((grad_state, grad_flows))
+    return grad_state, grad_x + zero.astype(grad_x.dtype), grad_flows
+
+
+gradients_before_input.defvjp(_gradients_before_input_fwd, _gradients_before_input_bwd)
+
+
+def _first_elements(tree):
+    """One float32 scalar that depends on every floating leaf of `tree` (the sum of their first elements)."""
+    firsts = [leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in jax.tree.leaves(tree)
+              if leaf.size and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.sum(jnp.concatenate(firsts)) if firsts else jnp.zeros((), jnp.float32)
+
+
+def checkpoint_after_cotangent(fn):
+    """jax.checkpoint(fn) with nothing saved but the inputs, whose recomputation in the backward pass waits for
+    the output's cotangent (the inputs plus zero times one element of it).
+
+    With jax.checkpoint the recomputation depends on forward values only, and XLA:CPU's scheduler started the
+    recomputed alignments of stages 1 and 7 early in the backward pass, so that their buffers were alive at its
+    memory peak (docs/PERFORMANCE.md, "Where the memory peak sits")."""
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fn(*args)
+
+    def forward(*args):
+        return fn(*args), args
+
+    def backward(args, cotangent):
+        zero = jnp.zeros((), jnp.float32) * _first_elements(cotangent)
+        args = jax.tree.map(lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                            args)
+        _, vjp = jax.vjp(fn, *args)
+        return vjp(cotangent)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped

@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES, TMSAG, _largest_divisor_at_most
-from vrtspike_jax.models.vrt.layers import Conv2d, LayerNorm, Linear, MlpGEGLU, torch_uniform_init
+from vrtspike_jax.models.vrt.layers import (Conv2d, LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent,
+                                            gradients_before_input, torch_uniform_init)
 from vrtspike_jax.models.vrt.warping import deform_conv2d, flow_warp
 
 
@@ -151,8 +152,12 @@ class Stage(nnx.Module):
             # Rematerialise the alignment (flow warping, DCN and its offset convs) and the fusion MLP: only their
             # inputs are kept for the backward pass, not the 27*dg-channel offset maps and sampled taps.
             graphdef, state = nnx.split(self)
+            state, x, (flows_backward, flows_forward) = gradients_before_input(
+                state, x, (flows_backward, flows_forward))
             fn = lambda st, x, fb, ff: nnx.merge(graphdef, st)._warp_and_fuse(x, fb, ff)  # noqa: E731
-            return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.remat])(state, x, flows_backward, flows_forward)
+            policy = _REMAT_POLICIES[self.remat]
+            fn = checkpoint_after_cotangent(fn) if policy is None else jax.checkpoint(fn, policy=policy)
+            return fn(state, x, flows_backward, flows_forward)
 
     def _warp_and_fuse(self, x, flows_backward, flows_forward):
         x_backward, x_forward = self.parallel_warp(x, flows_backward, flows_forward)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from vrtspike_jax.models.vrt.attention import RTMSA
 from vrtspike_jax.models.vrt.config import STAGE_RESHAPES, STAGE_SCALES, VRTConfig, check_input_shape
-from vrtspike_jax.models.vrt.layers import Conv2d, HostKey, LayerNorm, Linear
+from vrtspike_jax.models.vrt.layers import Conv2d, HostKey, LayerNorm, Linear, gradients_before_input
 from vrtspike_jax.models.vrt.spynet import SpyNet
 from vrtspike_jax.models.vrt.stages import Stage, fold_frames
 from vrtspike_jax.models.vrt.warping import flow_warp, resize_bilinear
@@ -189,14 +189,14 @@ class VRT(nnx.Module):
             fb = [flows_backward[s + 4 * j] for j in range(k)]
             ff = [flows_forward[s + 4 * j] for j in range(k)]
             with jax.named_scope(f"stage{i + 1}"):   # names in XLA's metadata (scripts/memory_breakdown.py)
+                graphdef, state = nnx.split(self.stages[i])
+                state, inp, (fb, ff) = gradients_before_input(state, inp, (fb, ff))
+                fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
                 if self.config.remat_stages:
                     # Keep only the stage input for the backward pass (the stage is recomputed, its blocks then
                     # rematerialised again inside): the leanest memory, at about one more forward pass.
-                    graphdef, state = nnx.split(self.stages[i])
-                    fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
-                    out = jax.checkpoint(fn)(state, inp, fb, ff, rngs[i])
-                else:
-                    out = self.stages[i](inp, fb, ff, rngs[i])
+                    fn = jax.checkpoint(fn)
+                out = fn(state, inp, fb, ff, rngs[i])
             if stage_hook is not None:
                 with jax.named_scope(f"fusion{i + 1}"):
                     out = stage_hook(i + 1, out)
