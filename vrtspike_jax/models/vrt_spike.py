@@ -22,7 +22,7 @@ from vrtspike_jax.models.fusion import TemporalCrossAttnFuse
 from vrtspike_jax.models.spike import SpikeEncoder3D, SpikeTemporalSABlock
 from vrtspike_jax.models.vrt import VRT, VRTConfig
 from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES
-from vrtspike_jax.models.vrt.layers import HostKey
+from vrtspike_jax.models.vrt.layers import HostKey, checkpoint_after_cotangent, gradients_before_input
 from vrtspike_jax.models.vrt.warping import resize_bilinear
 
 ENCODER_SCALE_OF_STAGE = {1: 0, 2: 1, 3: 2, 4: 3, 5: 2, 6: 1, 7: 0}  # stage -> encoder scale (1, 1/2, 1/4, 1/8)
@@ -166,8 +166,13 @@ class VRTWithSpike(nnx.Module):
             return fuse_block(rgb, tsa(spike))
 
         policy = self.config.vrt.remat
-        return fuse if policy == "none" else jax.checkpoint(fuse, policy=_REMAT_POLICIES[policy],
-                                                            static_argnums=(0,))
+        if policy == "none":
+            return fuse
+        if policy == "full":
+            # recomputed only once the fused output's cotangent exists (as the TMSA blocks and the alignment)
+            return lambda graphdef, state, rgb, spike: checkpoint_after_cotangent(
+                lambda st, r, s: fuse(graphdef, st, r, s))(state, rgb, spike)
+        return jax.checkpoint(fuse, policy=_REMAT_POLICIES[policy], static_argnums=(0,))
 
     def __call__(self, frames, spike_voxels=None, *, rng=None, return_intermediates: bool = False):
         """frames [B, T, H, W, 3] in [0, 1]; spike_voxels [B, T, H/f, W/f, K] (ignored when use_spike=False).
@@ -193,7 +198,9 @@ class VRTWithSpike(nnx.Module):
                 raise ValueError(f"stage {stage}: spike features Fs_{stage} {tuple(spike.shape)} do not match the RGB "
                                  f"features Fr_{stage} {tuple(rgb.shape)} in [B, T, H, W]")
             graphdef, state = nnx.split((self.spike_temporal_sa[j], self.cross_attn_fuse[j]))
-            fused = fuse(graphdef, state, rgb, spike.astype(rgb.dtype))
+            # the fusion's whole backward pass (parameter and spike-feature gradients) before the stage's
+            state, rgb_in, spike_in = gradients_before_input(state, rgb, spike.astype(rgb.dtype))
+            fused = fuse(graphdef, state, rgb_in, spike_in)
             if return_intermediates:
                 spike_inter.update({f"Fr_{stage}": rgb, f"Fs_{stage}": spike,
                                     f"Fs'_{stage}": self.spike_temporal_sa[j](spike.astype(rgb.dtype)),
