@@ -46,7 +46,7 @@ from vrtspike_jax import cli  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Flags that override `model.<field>` of the config (None: keep the config's value).
 MODEL_KNOBS = ("dtype", "remat", "remat_stages", "scan_blocks", "attention_chunk_windows", "attention_per_head",
-               "alignment_chunk")
+               "alignment_chunk", "tie_parameter_gradients")
 
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention_chunk_windows", type=int, default=None)
     parser.add_argument("--attention_per_head", type=_flag_bool, default=None)
     parser.add_argument("--alignment_chunk", type=int, default=None)
+    parser.add_argument("--tie_parameter_gradients", default=None, choices=["auto", "on", "off"],
+                        help="each stage's input gradient waits for its weight gradients (default: the config's; "
+                             "auto = on with one device)")
     parser.add_argument("--runs", type=int, default=3,
                         help="timed calls; --runs 0 --warmup 0 compiles only (compile time, FLOPs, XLA's memory plan: "
                              "for shapes that do not fit this host)")

@@ -99,6 +99,20 @@ def test_schedule_is_linear_warmup_then_cosine():
     assert float(longer(1000)) > float(schedule(1000))
 
 
+def test_parameter_gradient_ties_are_on_with_one_device_and_off_with_several():
+    """'auto' turns the ties off where each would be a collective (several devices); 'on' / 'off' force them; any
+    other value is an error naming it. The model built from the resolved mapping carries the setting."""
+    assert factory.resolve_gradient_ties({"tie_parameter_gradients": "auto"}, 1)["tie_parameter_gradients"] is True
+    assert factory.resolve_gradient_ties({"tie_parameter_gradients": "auto"}, 2)["tie_parameter_gradients"] is False
+    assert factory.resolve_gradient_ties({"tie_parameter_gradients": "on"}, 8)["tie_parameter_gradients"] is True
+    assert factory.resolve_gradient_ties({"tie_parameter_gradients": "off"}, 1)["tie_parameter_gradients"] is False
+    with pytest.raises(ValueError, match="tie_parameter_gradients.*'sometimes'"):
+        factory.resolve_gradient_ties({"tie_parameter_gradients": "sometimes"}, 1)
+    config = baseline.get_config("tiny")
+    config.model.tie_parameter_gradients = "off"
+    assert factory.model_config(config.model).vrt.tie_parameter_gradients is False
+
+
 def test_adamw_step_matches_pytorch_semantics_and_clipping():
     """One AdamW step (decoupled decay lr*wd*p, bias-corrected moments) after global-norm clipping."""
     config = baseline.get_config()

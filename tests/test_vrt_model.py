@@ -276,9 +276,10 @@ def test_a_group_stores_its_blocks_stacked_with_the_values_of_blocks_drawn_one_b
     assert not np.array_equal(np.asarray(leaves[0][0]), np.asarray(leaves[0][1]))   # distinct blocks
 
 
-def test_a_stages_gradients_come_before_its_input_gradient_unchanged():
-    """vrt.gradients_before_input is the identity and leaves every gradient as it was: it only makes the input's
-    cotangent depend on the stage's parameter and flow cotangents (an ordering for XLA's scheduler)."""
+@pytest.mark.parametrize("tie_parameters", [True, False])
+def test_a_stages_gradients_come_before_its_input_gradient_unchanged(tie_parameters):
+    """vrt.gradients_before_input is the identity and leaves every gradient as it was: it only adds zero times
+    elements of the stage's flow (and parameter) cotangents to the input's (an ordering for XLA's scheduler)."""
     from vrtspike_jax.models.vrt.vrt import gradients_before_input
 
     rng = np.random.default_rng(1)
@@ -290,10 +291,36 @@ def test_a_stages_gradients_come_before_its_input_gradient_unchanged():
         return jnp.sum(jnp.tanh(x @ state["w"] + state["b"] + flows[0]) ** 2)
 
     def tied(state, x, flows):
-        return stage(*gradients_before_input(state, x, flows))
+        return stage(*gradients_before_input(state, x, flows, tie_parameters))
 
     plain = jax.jit(jax.value_and_grad(stage, argnums=(0, 1, 2)))(state, x, flows)
     ours = jax.jit(jax.value_and_grad(tied, argnums=(0, 1, 2)))(state, x, flows)
     assert ours[0] == plain[0]
     for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(plain[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_block_recomputed_after_its_output_cotangent_has_the_gradients_of_jax_checkpoint():
+    """layers.checkpoint_after_cotangent: the value and every gradient of the function (parameters, an activation,
+    a per-sample input, one with another leading dimension, which is left untied)."""
+    from vrtspike_jax.models.vrt.layers import checkpoint_after_cotangent
+
+    rng = np.random.default_rng(2)
+    state = {"w": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)        # [B, tokens, C]
+    keep = jnp.asarray([1.0, 0.5], jnp.float32)                           # [B]
+    table = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)         # leading dimension not the batch
+
+    def block(state, x, keep, table):
+        return jnp.tanh(x @ state["w"] + table[:3]) * keep[:, None, None] + x
+
+    def loss(fn):
+        return lambda *args: jnp.sum(jnp.sin(fn(*args)) ** 2)
+
+    args = (state, x, keep, table)
+    plain = jax.jit(jax.value_and_grad(loss(jax.checkpoint(block)), argnums=(0, 1, 2, 3)))(*args)
+    ours = jax.jit(jax.value_and_grad(loss(checkpoint_after_cotangent(block)), argnums=(0, 1, 2, 3)))(*args)
+    np.testing.assert_array_equal(ours[0], plain[0])
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_array_equal(a, b)
+

@@ -3,7 +3,8 @@
 only:
 
   resolved_mapping(section)  the `model` section as `models.build_model` takes it: `dtype: 'auto'` resolved for the
-                             backend (bfloat16 compute on GPU/TPU, float32 on CPU)
+                             backend (bfloat16 compute on GPU/TPU, float32 on CPU), `tie_parameter_gradients:
+                             'auto'` for the device count (on with one device)
   model_config(section)      the frozen VRTWithSpikeConfig (an unknown or bad field is a ValueError naming it)
   abstract(section)          (graphdef, abstract parameters): shapes only, nothing allocated
   abstract_params(config)    the abstract parameter tree a run trains: the model's, plus LoRA factors when set
@@ -47,9 +48,25 @@ def resolve_compute_dtype(mapping: Mapping[str, Any], backend: Optional[str] = N
     return resolved
 
 
-def resolved_mapping(section, backend: Optional[str] = None) -> Dict[str, Any]:
+def resolve_gradient_ties(mapping: Mapping[str, Any], device_count: Optional[int] = None) -> Dict[str, Any]:
+    """`mapping` with `tie_parameter_gradients` as VRTConfig takes it (a bool): 'on' / 'off', or 'auto': on when the
+    process sees one device (`device_count`, default jax.device_count()), off otherwise (there each tie would be
+    a collective: VRTConfig)."""
+    resolved = dict(mapping)
+    value = resolved.get("tie_parameter_gradients")
+    if value in ("on", "off"):
+        resolved["tie_parameter_gradients"] = value == "on"
+    elif value == "auto":
+        count = jax.device_count() if device_count is None else int(device_count)
+        resolved["tie_parameter_gradients"] = count == 1
+    elif value is not None and not isinstance(value, bool):
+        raise ValueError(f"tie_parameter_gradients must be 'auto', 'on' or 'off', got {value!r}")
+    return resolved
+
+
+def resolved_mapping(section, backend: Optional[str] = None, device_count: Optional[int] = None) -> Dict[str, Any]:
     """The `model` section (ConfigDict or mapping) as build_model takes it (see the module docstring)."""
-    return resolve_compute_dtype(_plain(section), backend)
+    return resolve_gradient_ties(resolve_compute_dtype(_plain(section), backend), device_count)
 
 
 def model_config(section, backend: Optional[str] = None) -> VRTWithSpikeConfig:
@@ -125,4 +142,4 @@ def build(graphdef, params, lora_spec: Optional[lora.LoRASpec] = None) -> VRTWit
 
 
 __all__ = ["with_official_weights", "abstract", "abstract_params", "build", "initial_params", "model_config",
-           "resolve_compute_dtype", "resolved_mapping"]
+           "resolve_compute_dtype", "resolve_gradient_ties", "resolved_mapping"]

@@ -199,7 +199,8 @@ class VRTWithSpike(nnx.Module):
                                  f"features Fr_{stage} {tuple(rgb.shape)} in [B, T, H, W]")
             graphdef, state = nnx.split((self.spike_temporal_sa[j], self.cross_attn_fuse[j]))
             # the fusion's whole backward pass (parameter and spike-feature gradients) before the stage's
-            state, rgb_in, spike_in = gradients_before_input(state, rgb, spike.astype(rgb.dtype))
+            state, rgb_in, spike_in = gradients_before_input(state, rgb, spike.astype(rgb.dtype),
+                                                             self.config.vrt.tie_parameter_gradients)
             fused = fuse(graphdef, state, rgb_in, spike_in)
             if return_intermediates:
                 spike_inter.update({f"Fr_{stage}": rgb, f"Fs_{stage}": spike,

@@ -26,6 +26,8 @@ def _model_config(data) -> ml_collections.ConfigDict:
     model.attention_chunk_windows = 0
     model.attention_per_head = True             # attention logits of one head at a time (training memory)
     model.alignment_chunk = 0
+    model.tie_parameter_gradients = "auto"      # 'on' / 'off'; auto: on with one device, off with several
+                                                # (each stage's input gradient waits for its weight gradients)
     model.dtype = "auto"                        # bfloat16 compute on GPU/TPU, float32 on CPU; or None / 'bfloat16'
     model.param_dtype = "float32"
     model.use_spike = True

@@ -141,7 +141,7 @@ def check_model(config) -> None:
     from vrtspike_jax import factory
 
     try:
-        mapping = factory.resolved_mapping(_typed(config).model, backend="cpu")
+        mapping = factory.resolved_mapping(_typed(config).model, backend="cpu", device_count=1)
         for name in ("dtype", "param_dtype"):
             value = mapping.get(name)
             if value in (None, "", "bfloat16"):

@@ -5,6 +5,7 @@ PyTorch `weight`; 2-D convolutions keep `kernel` of shape (kh, kw, in, out) (HWI
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -189,27 +190,34 @@ xavier_uniform_init = lambda: variance_scaling_init(1.0, "fan_avg", "uniform")  
 # ----------------------------------------------------------------------------------------------------------------
 # Orderings of the backward pass for XLA's scheduler
 
-@jax.custom_vjp
-def gradients_before_input(state, x, flows):
-    """Identity on (a stage's parameters, its input, its flows). In the backward pass the input's cotangent is made
-    to depend on every parameter and flow cotangent of the stage (plus zero times one element of each), so that
-    the stage's whole backward pass finishes before the backward pass of the stages before it begins.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gradients_before_input(state, x, flows, tie_parameters: bool = True):
+    """Identity on (a stage's parameters, its input, its flows). In the backward pass each batch row of the
+    input's cotangent is made to depend on that row of every flow cotangent and, with `tie_parameters`, on every
+    parameter cotangent of the stage (plus zero times one element of each), so that the stage's whole backward
+    pass finishes before the backward pass of the stages before it begins.
 
     Used at each stage's input and at its alignment's input. Without it XLA:CPU's scheduler left the weight and
     flow gradients of a stage's alignment (and the activation-sized buffers they read) for late: stage 7's were
     still alive while stage 1's backward pass ran, at the train step's memory peak (docs/PERFORMANCE.md, "Where
-    the memory peak sits")."""
+    the memory peak sits").
+
+    A parameter cotangent's element is shared by the whole batch: when the parameters or the batch are split over
+    devices, each such tie is a collective (VRTConfig.tie_parameter_gradients, off there by default)."""
     return state, x, flows
 
 
-def _gradients_before_input_fwd(state, x, flows):
+def _gradients_before_input_fwd(state, x, flows, tie_parameters):
     return (state, x, flows), None
 
 
-def _gradients_before_input_bwd(_, cotangents):
+def _gradients_before_input_bwd(tie_parameters, _, cotangents):
     grad_state, grad_x, grad_flows = cotangents
-    zero = jnp.zeros((), jnp.float32) * _first_elements((grad_state, grad_flows))
-    return grad_state, grad_x + zero.astype(grad_x.dtype), grad_flows
+    grad_x = _after_rows(grad_x, grad_flows)
+    if tie_parameters:
+        zero = jnp.zeros((), jnp.float32) * _first_elements(grad_state)
+        grad_x = grad_x + zero.astype(grad_x.dtype)
+    return grad_state, grad_x, grad_flows
 
 
 gradients_before_input.defvjp(_gradients_before_input_fwd, _gradients_before_input_bwd)
@@ -222,26 +230,52 @@ def _first_elements(tree):
     return jnp.sum(jnp.concatenate(firsts)) if firsts else jnp.zeros((), jnp.float32)
 
 
+def _floating(leaf) -> bool:
+    return jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1 and leaf.size > 0
+
+
+def _after_rows(values, tree):
+    """`values` plus zero times, for each batch row, one element of that row of every floating leaf of `tree` with
+    the same leading (batch) dimension: each row of `values` then depends on those rows, and only on them. Reading
+    within a batch row needs nothing from other devices when the batch is split over devices (an element shared
+    by the whole batch would be a collective per tie). Leaves of `values` without a matching leaf are returned
+    as they are."""
+    rows = {}
+    for leaf in jax.tree.leaves(tree):
+        if _floating(leaf):
+            b = leaf.shape[0]
+            row = leaf.reshape(b, -1)[:, :1].astype(jnp.float32)
+            rows[b] = row if b not in rows else rows[b] + row
+
+    def tie(v):
+        if not _floating(v) or v.shape[0] not in rows:
+            return v
+        zero = (jnp.zeros((), jnp.float32) * rows[v.shape[0]]).astype(v.dtype)
+        return v + zero.reshape((v.shape[0],) + (1,) * (v.ndim - 1))
+
+    return jax.tree.map(tie, values)
+
+
 def checkpoint_after_cotangent(fn):
     """jax.checkpoint(fn) with nothing saved but the inputs, whose recomputation in the backward pass waits for
-    the output's cotangent (the inputs plus zero times one element of it).
+    the output's cotangent: the inputs after the first (the activations; the first is the parameter state) get
+    zero times one element of each batch row of it.
 
     With jax.checkpoint the recomputation depends on forward values only, and XLA:CPU's scheduler started the
     recomputed alignments of stages 1 and 7 early in the backward pass, so that their buffers were alive at its
     memory peak (docs/PERFORMANCE.md, "Where the memory peak sits")."""
 
     @jax.custom_vjp
-    def wrapped(*args):
-        return fn(*args)
+    def wrapped(state, *args):
+        return fn(state, *args)
 
-    def forward(*args):
-        return fn(*args), args
+    def forward(state, *args):
+        return fn(state, *args), (state, args)
 
-    def backward(args, cotangent):
-        zero = jnp.zeros((), jnp.float32) * _first_elements(cotangent)
-        args = jax.tree.map(lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                            args)
-        _, vjp = jax.vjp(fn, *args)
+    def backward(saved, cotangent):
+        state, args = saved
+        args = _after_rows(args, cotangent)
+        _, vjp = jax.vjp(fn, state, *args)
         return vjp(cotangent)
 
     wrapped.defvjp(forward, backward)

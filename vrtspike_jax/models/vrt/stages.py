@@ -99,10 +99,12 @@ class Stage(nnx.Module):
                  mul_attn_ratio: float = 0.75, mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None,
                  drop_path=0.0, pa_frames: int = 2, deformable_groups: int = 16, max_residue_magnitude: float = 10.0,
                  remat: str = "none", scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False,
-                 alignment_chunk: int = 0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 alignment_chunk: int = 0, tie_parameter_gradients: bool = True, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if reshape not in ("none", "down", "up"):
             raise ValueError(f"reshape must be 'none', 'down' or 'up', got {reshape!r}")
         self.alignment_chunk = int(alignment_chunk)
+        self.tie_parameter_gradients = bool(tie_parameter_gradients)
         self.remat = remat
         self.reshape_mode = reshape
         self.pa_frames = pa_frames
@@ -153,7 +155,7 @@ class Stage(nnx.Module):
             # inputs are kept for the backward pass, not the 27*dg-channel offset maps and sampled taps.
             graphdef, state = nnx.split(self)
             state, x, (flows_backward, flows_forward) = gradients_before_input(
-                state, x, (flows_backward, flows_forward))
+                state, x, (flows_backward, flows_forward), self.tie_parameter_gradients)
             fn = lambda st, x, fb, ff: nnx.merge(graphdef, st)._warp_and_fuse(x, fb, ff)  # noqa: E731
             policy = _REMAT_POLICIES[self.remat]
             fn = checkpoint_after_cotangent(fn) if policy is None else jax.checkpoint(fn, policy=policy)

@@ -86,7 +86,8 @@ class VRT(nnx.Module):
                 drop_path=dpr[sum(c.depths[:i]):sum(c.depths[:i + 1])], pa_frames=c.pa_frames,
                 deformable_groups=c.deformable_groups, max_residue_magnitude=10 / STAGE_SCALES[i], remat=c.remat,
                 scan_blocks=c.scan_blocks, chunk_windows=c.attention_chunk_windows,
-                per_head=c.attention_per_head, alignment_chunk=c.alignment_chunk, **kw))
+                per_head=c.attention_per_head, alignment_chunk=c.alignment_chunk,
+                tie_parameter_gradients=c.tie_parameter_gradients, **kw))
         self.stages = nnx.List(stages)
         self.stage8_norm = LayerNorm(c.embed_dims[6], **kw)
         self.stage8_linear = Linear(c.embed_dims[6], c.embed_dims[7], **kw)
@@ -190,7 +191,8 @@ class VRT(nnx.Module):
             ff = [flows_forward[s + 4 * j] for j in range(k)]
             with jax.named_scope(f"stage{i + 1}"):   # names in XLA's metadata (scripts/memory_breakdown.py)
                 graphdef, state = nnx.split(self.stages[i])
-                state, inp, (fb, ff) = gradients_before_input(state, inp, (fb, ff))
+                state, inp, (fb, ff) = gradients_before_input(state, inp, (fb, ff),
+                                                              self.config.tie_parameter_gradients)
                 fn = lambda st, a, b, c, r: nnx.merge(graphdef, st)(a, b, c, r)  # noqa: E731
                 if self.config.remat_stages:
                     # Keep only the stage input for the backward pass (the stage is recomputed, its blocks then
