@@ -147,7 +147,16 @@ class Stage(nnx.Module):
         with jax.named_scope("tmsa_mutual"):
             x = self.linear1(self.residual_group1(x, rng1)) + x
         with jax.named_scope("tmsa_self"):
-            x = self.linear2(self.residual_group2(x, rng2)) + x
+            if self.remat == "none" or not self.tie_parameter_gradients:
+                x = self.linear2(self.residual_group2(x, rng2)) + x
+            else:
+                # The self-attention group's parameter gradients before the mutual group's backward pass: without
+                # this tie, XLA:CPU kept the self group's MLP and attention backward buffers (6.1 GiB at 5x256x256)
+                # alive under the mutual group's backward pass, the step's memory peak (docs/PERFORMANCE.md).
+                graphdef, state = nnx.split((self.residual_group2, self.linear2))
+                state, x, _ = gradients_before_input(state, x, (), True)
+                group, linear = nnx.merge(graphdef, state)
+                x = linear(group(x, rng2)) + x
         with jax.named_scope("parallel_warp"):
             if self.remat == "none":
                 return self._warp_and_fuse(x, flows_backward, flows_forward)
