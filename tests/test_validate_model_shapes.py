@@ -47,7 +47,7 @@ for variant in sys.argv[2:]:
     if variant.startswith("gpu="):                   # training on a GPU: dtype 'auto' -> bfloat16 compute
         backend, variant = "gpu", variant[len("gpu="):]
         real = factory.jax                           # where the model section's dtype 'auto' is resolved
-        factory.jax = types.SimpleNamespace(default_backend=lambda: "gpu")
+        factory.jax = types.SimpleNamespace(default_backend=lambda: "gpu", device_count=lambda: 1)   # one GPU
     config = script.run_config.read(baseline.get_config(variant))
     frames, size, _ = script.clip_shape(config)
     lines = []
