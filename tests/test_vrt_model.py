@@ -323,4 +323,3 @@ def test_a_block_recomputed_after_its_output_cotangent_has_the_gradients_of_jax_
     np.testing.assert_array_equal(ours[0], plain[0])
     for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(plain[1])):
         np.testing.assert_array_equal(a, b)
-

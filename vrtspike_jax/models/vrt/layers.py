@@ -225,13 +225,12 @@ gradients_before_input.defvjp(_gradients_before_input_fwd, _gradients_before_inp
 
 def _first_elements(tree):
     """One float32 scalar that depends on every floating leaf of `tree` (the sum of their first elements)."""
-    firsts = [leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in jax.tree.leaves(tree)
-              if leaf.size and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    firsts = [leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in jax.tree.leaves(tree) if _floating(leaf)]
     return jnp.sum(jnp.concatenate(firsts)) if firsts else jnp.zeros((), jnp.float32)
 
 
 def _floating(leaf) -> bool:
-    return jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1 and leaf.size > 0
+    return jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size > 0
 
 
 def _after_rows(values, tree):
@@ -242,13 +241,13 @@ def _after_rows(values, tree):
     as they are."""
     rows = {}
     for leaf in jax.tree.leaves(tree):
-        if _floating(leaf):
+        if _floating(leaf) and leaf.ndim:
             b = leaf.shape[0]
             row = leaf.reshape(b, -1)[:, :1].astype(jnp.float32)
             rows[b] = row if b not in rows else rows[b] + row
 
     def tie(v):
-        if not _floating(v) or v.shape[0] not in rows:
+        if not (_floating(v) and v.ndim) or v.shape[0] not in rows:
             return v
         zero = (jnp.zeros((), jnp.float32) * rows[v.shape[0]]).astype(v.dtype)
         return v + zero.reshape((v.shape[0],) + (1,) * (v.ndim - 1))
