@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrtspike_jax.models.vrt.layers import LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent, trunc_normal_init
+from vrtspike_jax.models.vrt.layers import (LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent,
+                                           gradients_before_input, trunc_normal_init)
 
 MASK_VALUE = -100.0  # the official mask value between tokens of different shifted regions
 
@@ -344,10 +345,11 @@ class TMSA(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size, shift_size, *, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path: float = 0.0,
-                 chunk_windows: int = 0, per_head: bool = False, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, tie_mlp_gradients: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(shift_size)
+        self.tie_mlp_gradients = bool(tie_mlp_gradients)
         for ws, s in zip(self.window_size, self.shift_size):
             if not 0 <= s < ws:
                 raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size {self.window_size})")
@@ -395,7 +397,15 @@ class TMSA(nnx.Module):
         with jax.named_scope("attention"):
             x = x + drop_path(self.attention_part(x, region_labels, shift_size), rate, keep1)
         with jax.named_scope("mlp"):
-            x = x + drop_path(self.mlp(self.norm2(x)), rate, keep2)
+            norm2, mlp, y = self.norm2, self.mlp, x
+            if self.tie_mlp_gradients:
+                # The MLP's parameter gradients before its input gradient (hence before the attention's backward
+                # pass): without this tie XLA:CPU kept the MLP's backward buffers (the GELU derivative, its matmul
+                # outputs) alive under the attention's backward pass, stage 7's memory peak at 5x256x256.
+                graphdef, state = nnx.split((self.norm2, self.mlp))
+                state, y, _ = gradients_before_input(state, x, (), True)
+                norm2, mlp = nnx.merge(graphdef, state)
+            x = x + drop_path(mlp(norm2(y)), rate, keep2)
         return x
 
 
@@ -420,8 +430,8 @@ class TMSAG(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
-                 scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False,
+                 tie_parameter_gradients: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
         for ws, s in zip(self.window_size, self.shift_size):
@@ -434,8 +444,9 @@ class TMSAG(nnx.Module):
         self.drop_path_rates = tuple(float(r) for r in rates[:depth])
         blocks = [TMSA(dim, num_heads, self.window_size, (0, 0, 0), mut_attn=mut_attn, mlp_ratio=mlp_ratio,
                        qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=self.drop_path_rates[i],
-                       chunk_windows=chunk_windows, per_head=per_head, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+                       chunk_windows=chunk_windows, per_head=per_head,
+                       tie_mlp_gradients=remat != "none" and tie_parameter_gradients, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
                   for i in range(depth)]
         if blocks:
             stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b, nnx.Param) for b in blocks])
@@ -550,12 +561,13 @@ class RTMSA(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, mlp_ratio: float = 2.0,
                  qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none", scan_blocks: bool = False,
-                 chunk_windows: int = 0, per_head: bool = False, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, tie_parameter_gradients: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.residual_group = TMSAG(dim, depth, num_heads, window_size, mut_attn=False, mlp_ratio=mlp_ratio,
                                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path, remat=remat,
                                     scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head,
-                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                    tie_parameter_gradients=tie_parameter_gradients, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
         self.linear = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, rng=None):

@@ -120,7 +120,8 @@ class Stage(nnx.Module):
             self.reshape_linear = Linear(in_dim // 4, dim, **kw)
         depth_mut = int(depth * mul_attn_ratio)
         group_kw = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path,
-                        remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head, **kw)
+                        remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head,
+                        tie_parameter_gradients=tie_parameter_gradients, **kw)
         self.residual_group1 = TMSAG(dim, depth_mut, num_heads, (2, window_size[1], window_size[2]),
                                      mut_attn=True, **group_kw)
         self.linear1 = Linear(dim, dim, **kw)
@@ -172,7 +173,15 @@ class Stage(nnx.Module):
 
     def _warp_and_fuse(self, x, flows_backward, flows_forward):
         x_backward, x_forward = self.parallel_warp(x, flows_backward, flows_forward)
-        return self.pa_fuse(jnp.concatenate([x, x_backward, x_forward], axis=-1))
+        fuse_input = jnp.concatenate([x, x_backward, x_forward], axis=-1)
+        if self.remat == "none" or not self.tie_parameter_gradients:
+            return self.pa_fuse(fuse_input)
+        # The fusion MLP's parameter gradients before its input gradient: without this tie, XLA:CPU kept the MLP's
+        # backward buffers (GELU derivative, its matmul outputs: ten [N, D, H, W, 3C] tensors, 3.5 GiB at 5x256x256)
+        # alive under the DCN's backward pass, at the train step's memory peak (docs/PERFORMANCE.md).
+        graphdef, state = nnx.split(self.pa_fuse)
+        state, fuse_input, _ = gradients_before_input(state, fuse_input, (), True)
+        return nnx.merge(graphdef, state)(fuse_input)
 
     def parallel_warp(self, x, flows_backward, flows_forward):
         """Aligns the neighbours of every frame to it (official get_aligned_feature_{2,4,6}frames).

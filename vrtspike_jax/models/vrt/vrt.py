@@ -96,7 +96,8 @@ class VRT(nnx.Module):
                   (1, c.window_size[1], c.window_size[2]) if i in c.indep_reconsts else c.window_size,
                   mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   drop_path=dpr[sum(c.depths[:i]):sum(c.depths[:i + 1])], remat=c.remat, scan_blocks=c.scan_blocks,
-                  chunk_windows=c.attention_chunk_windows, per_head=c.attention_per_head, **kw)
+                  chunk_windows=c.attention_chunk_windows, per_head=c.attention_per_head,
+                  tie_parameter_gradients=c.tie_parameter_gradients, **kw)
             for i in range(7, len(c.depths))])
         self.norm = LayerNorm(c.embed_dims[-1], **kw)
         self.conv_after_body = Linear(c.embed_dims[-1], c.embed_dims[0], **kw)
