@@ -32,11 +32,12 @@ class VRTConfig:
         saved log-sum-exp (`attention.window_attention`).
       alignment_chunk: if > 0, the parallel-warping DCN runs over chunks of at most this many (frame pair x
         direction) problems, each rematerialised (0: all 2(D-1)N problems at once).
-      tie_parameter_gradients: in the backward pass each stage's input gradient (and its self-attention group's)
-        waits for the stage's parameter gradients (layers.gradients_before_input), which XLA:CPU's scheduler
-        otherwise leaves for late, holding the activations they read (plain VRT 1x6x64x64 train step: 1.68 against
-        3.83 GiB of temporaries). Each tie reads one
-        element of a parameter gradient: a collective when the step spans devices, where training turns it off.
+      tie_parameter_gradients: in the backward pass each stage's input gradient (and that of its self-attention
+        group, its fusion MLP and each TMSA block's MLP) waits for the parameter gradients of that part
+        (layers.gradients_before_input), which XLA:CPU's scheduler otherwise leaves for late, holding the
+        activations they read (plain VRT 1x6x64x64 train step: 1.48 against 3.83 GiB of temporaries). Each tie
+        reads one element of a parameter gradient: a collective when the step spans devices, where training turns
+        it off.
       dtype: compute dtype (None = float32; 'bfloat16' for mixed precision); parameters stay `param_dtype`.
     """
 
