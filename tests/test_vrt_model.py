@@ -302,8 +302,9 @@ def test_a_stages_gradients_come_before_its_input_gradient_unchanged(tie_paramet
 
 def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its_ordering_ties():
     """A whole stage (mutual and self TMSA groups, flow-guided DCN alignment, fusion MLP) rematerialised with its
-    ordering ties (the self group's, the alignment's and the fusion MLP's parameter gradients before their input
-    gradients) computes the value and every gradient (parameters, input, flows) of the plain stage."""
+    ordering ties (the self group's, the alignment's, the fusion MLP's and each TMSA block MLP's parameter gradients
+    before their input gradients) computes the value and every gradient (parameters, input, flows) of the plain
+    stage."""
     from vrtspike_jax.models.vrt.stages import Stage
 
     rng = np.random.default_rng(3)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vrtspike_jax.models.vrt.layers import (LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent,
-                                           gradients_before_input, trunc_normal_init)
+                                           parameter_gradients_first, trunc_normal_init)
 
 MASK_VALUE = -100.0  # the official mask value between tokens of different shifted regions
 
@@ -397,14 +397,12 @@ class TMSA(nnx.Module):
         with jax.named_scope("attention"):
             x = x + drop_path(self.attention_part(x, region_labels, shift_size), rate, keep1)
         with jax.named_scope("mlp"):
-            norm2, mlp, y = self.norm2, self.mlp, x
+            (norm2, mlp), y = (self.norm2, self.mlp), x
             if self.tie_mlp_gradients:
                 # The MLP's parameter gradients before its input gradient (hence before the attention's backward
                 # pass): without this tie XLA:CPU kept the MLP's backward buffers (the GELU derivative, its matmul
                 # outputs) alive under the attention's backward pass, stage 7's memory peak at 5x256x256.
-                graphdef, state = nnx.split((self.norm2, self.mlp))
-                state, y, _ = gradients_before_input(state, x, (), True)
-                norm2, mlp = nnx.merge(graphdef, state)
+                (norm2, mlp), y = parameter_gradients_first((self.norm2, self.mlp), x)
             x = x + drop_path(mlp(norm2(y)), rate, keep2)
         return x
 

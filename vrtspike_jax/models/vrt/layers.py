@@ -223,6 +223,15 @@ def _gradients_before_input_bwd(tie_parameters, _, cotangents):
 gradients_before_input.defvjp(_gradients_before_input_fwd, _gradients_before_input_bwd)
 
 
+def parameter_gradients_first(modules, x):
+    """(modules, x) unchanged, with x taken through `gradients_before_input`: in the backward pass x's cotangent
+    waits for the parameter cotangents of `modules` (a module or a tuple of modules), so that XLA:CPU does not leave
+    their weight gradients, and the activations those read, for after the backward pass of the code before."""
+    graphdef, state = nnx.split(modules)
+    state, x, _ = gradients_before_input(state, x, (), True)
+    return nnx.merge(graphdef, state), x
+
+
 def _first_elements(tree):
     """One float32 scalar that depends on every floating leaf of `tree` (the sum of their first elements)."""
     firsts = [leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in jax.tree.leaves(tree) if _floating(leaf)]

@@ -13,7 +13,8 @@ from flax import nnx
 
 from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES, TMSAG, _largest_divisor_at_most
 from vrtspike_jax.models.vrt.layers import (Conv2d, LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent,
-                                            gradients_before_input, torch_uniform_init)
+                                            gradients_before_input, parameter_gradients_first,
+                                            torch_uniform_init)
 from vrtspike_jax.models.vrt.warping import deform_conv2d, flow_warp
 
 
@@ -148,16 +149,13 @@ class Stage(nnx.Module):
         with jax.named_scope("tmsa_mutual"):
             x = self.linear1(self.residual_group1(x, rng1)) + x
         with jax.named_scope("tmsa_self"):
-            if self.remat == "none" or not self.tie_parameter_gradients:
-                x = self.linear2(self.residual_group2(x, rng2)) + x
-            else:
+            (group, linear), y = (self.residual_group2, self.linear2), x
+            if self._orders_gradients:
                 # The self-attention group's parameter gradients before the mutual group's backward pass: without
                 # this tie, XLA:CPU kept the self group's MLP and attention backward buffers (6.1 GiB at 5x256x256)
                 # alive under the mutual group's backward pass, the step's memory peak (docs/PERFORMANCE.md).
-                graphdef, state = nnx.split((self.residual_group2, self.linear2))
-                state, x, _ = gradients_before_input(state, x, (), True)
-                group, linear = nnx.merge(graphdef, state)
-                x = linear(group(x, rng2)) + x
+                (group, linear), y = parameter_gradients_first((group, linear), x)
+            x = linear(group(y, rng2)) + y
         with jax.named_scope("parallel_warp"):
             if self.remat == "none":
                 return self._warp_and_fuse(x, flows_backward, flows_forward)
@@ -171,17 +169,20 @@ class Stage(nnx.Module):
             fn = checkpoint_after_cotangent(fn) if policy is None else jax.checkpoint(fn, policy=policy)
             return fn(state, x, flows_backward, flows_forward)
 
+    @property
+    def _orders_gradients(self) -> bool:
+        """Whether parts of the stage take their input through parameter-gradient ties (under remat only)."""
+        return self.remat != "none" and self.tie_parameter_gradients
+
     def _warp_and_fuse(self, x, flows_backward, flows_forward):
         x_backward, x_forward = self.parallel_warp(x, flows_backward, flows_forward)
-        fuse_input = jnp.concatenate([x, x_backward, x_forward], axis=-1)
-        if self.remat == "none" or not self.tie_parameter_gradients:
-            return self.pa_fuse(fuse_input)
-        # The fusion MLP's parameter gradients before its input gradient: without this tie, XLA:CPU kept the MLP's
-        # backward buffers (GELU derivative, its matmul outputs: ten [N, D, H, W, 3C] tensors, 3.5 GiB at 5x256x256)
-        # alive under the DCN's backward pass, at the train step's memory peak (docs/PERFORMANCE.md).
-        graphdef, state = nnx.split(self.pa_fuse)
-        state, fuse_input, _ = gradients_before_input(state, fuse_input, (), True)
-        return nnx.merge(graphdef, state)(fuse_input)
+        fuse, fuse_input = self.pa_fuse, jnp.concatenate([x, x_backward, x_forward], axis=-1)
+        if self._orders_gradients:
+            # The fusion MLP's parameter gradients before its input gradient: without this tie, XLA:CPU kept the
+            # MLP's backward buffers (GELU derivative, its matmul outputs: ten [N, D, H, W, 3C] tensors, 3.5 GiB at
+            # 5x256x256) alive under the DCN's backward pass, at the train step's memory peak (docs/PERFORMANCE.md).
+            fuse, fuse_input = parameter_gradients_first(fuse, fuse_input)
+        return fuse(fuse_input)
 
     def parallel_warp(self, x, flows_backward, flows_forward):
         """Aligns the neighbours of every frame to it (official get_aligned_feature_{2,4,6}frames).
