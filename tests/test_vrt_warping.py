@@ -1,6 +1,7 @@
 """The sampling ops of the VRT port against torchvision / F.grid_sample / F.interpolate fixtures."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +40,78 @@ def test_deform_conv2d_cases(load_fixture):
             None if mask is None else jnp.asarray(nhwc(mask)),
             stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
         np.testing.assert_allclose(np.asarray(out), nhwc(get("output")), rtol=0, atol=1e-6, err_msg=case["name"])
+
+
+def _reference_deform_conv2d(images, offset, weight, mask, stride, padding, dilation):
+    """torchvision's deform_conv2d written out group by group and tap by tap, differentiated by JAX's autodiff:
+    the reference for deform_conv2d's hand-written gradient."""
+    n, h, w, cin = images.shape
+    cout, cin_per_wgroup, kh, kw = weight.shape
+    taps = kh * kw
+    groups = offset.shape[-1] // (2 * taps)
+    cg = cin // groups
+    _, ho, wo, _ = offset.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    by_group = images.reshape(n, h, w, groups, cg)
+    sample_index, group_index = jnp.arange(n)[:, None, None, None], jnp.arange(groups)
+    columns = []
+    for i in range(kh):
+        for j in range(kw):
+            k = i * kw + j
+            y = (jnp.arange(ho) * sh - ph + i * dh)[None, :, None, None] + offset[..., 2 * k::2 * taps]
+            x = (jnp.arange(wo) * sw - pw + j * dw)[None, None, :, None] + offset[..., 2 * k + 1::2 * taps]
+            y0, x0 = jnp.floor(y), jnp.floor(x)
+            value = 0.0
+            for row, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                for col, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                    inside = (row >= 0) & (row <= h - 1) & (col >= 0) & (col <= w - 1)
+                    corner = by_group[sample_index, jnp.clip(row, 0, h - 1).astype(jnp.int32),
+                                      jnp.clip(col, 0, w - 1).astype(jnp.int32), group_index]   # [n, ho, wo, G, cg]
+                    value = value + jnp.where(inside, wy * wx, 0.0)[..., None] * corner
+            if mask is not None:
+                value = value * mask[..., k::taps][..., None]
+            columns.append(value.reshape(n, ho, wo, cin))
+    columns = jnp.stack(columns, axis=-1).reshape(n, ho, wo, cin // cin_per_wgroup, cin_per_wgroup, taps)
+    weight = weight.reshape(cin // cin_per_wgroup, cout // (cin // cin_per_wgroup), cin_per_wgroup, taps)
+    out = jnp.einsum("nhwgck,gock->nhwgo", columns, weight, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(n, ho, wo, cout)
+
+
+def _value_and_vjp(f):
+    """jit of (cotangent, *args) -> (f(*args), f's vector-Jacobian product with the cotangent)."""
+    def run(cotangent, *args):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cotangent)
+    return jax.jit(run)
+
+
+def test_deform_conv2d_gradients_match_autodiff_of_a_written_out_reference(load_fixture):
+    """deform_conv2d's gradient (its rematerialised tap loop and the sampling's hand-written gradient) against
+    autodiff of the plain formula, on every fixture case (offset groups, weight groups, stride, dilation, samples
+    outside the image, no mask), with a random output cotangent: the gradients of the input, the offsets, the mask
+    and the weight."""
+    z = load_fixture("deform_conv2d_cases.npz")
+    rng = np.random.default_rng(0)
+    for case in json.loads(str(z["cases_json"])):
+        get = lambda key: None if case[key] is None else jnp.asarray(z[case[key]])
+        images, offset, weight = jnp.asarray(nhwc(get("input"))), jnp.asarray(nhwc(get("offset"))), get("weight")
+        mask = None if get("mask") is None else jnp.asarray(nhwc(get("mask")))
+        geometry = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+        ours = lambda i, o, m, w: warping.deform_conv2d(i, o, w, None, m, **geometry)
+        theirs = lambda i, o, m, w: _reference_deform_conv2d(i, o, w, m, **geometry)
+        args = (images, offset, mask, weight)
+        cotangent = jnp.asarray(rng.normal(size=nhwc(get("output")).shape), jnp.float32)
+        out, grads = _value_and_vjp(ours)(cotangent, *args)
+        ref_out, ref_grads = _value_and_vjp(theirs)(cotangent, *args)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=1e-5, err_msg=case["name"])
+        for name, got, want in zip(("input", "offset", "mask", "weight"), grads, ref_grads):
+            if want is None:
+                assert got is None, (case["name"], name)
+                continue
+            scale = float(np.abs(np.asarray(want)).max())
+            assert scale > 0, (case["name"], name)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale,
+                                       err_msg=f"{case['name']}: gradient of the {name}")
 
 
 @pytest.mark.parametrize("name,call", [
