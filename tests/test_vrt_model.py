@@ -303,8 +303,8 @@ def test_a_stages_gradients_come_before_its_input_gradient_unchanged(tie_paramet
 def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its_ordering_ties():
     """A whole stage (mutual and self TMSA groups, flow-guided DCN alignment, fusion MLP) rematerialised with its
     ordering ties (the self group's, the alignment's, the fusion MLP's and each TMSA block MLP's parameter gradients
-    before their input gradients) computes the value and every gradient (parameters, input, flows) of the plain
-    stage."""
+    before their input gradients), and with its alignment problems in sequential chunks (alignment_chunk), computes
+    the value and every gradient (parameters, input, flows) of the plain stage."""
     from vrtspike_jax.models.vrt.stages import Stage
 
     rng = np.random.default_rng(3)
@@ -312,9 +312,10 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
     flows = [jnp.asarray(2 * rng.standard_normal((1, 2, 16, 16, 2)), jnp.float32)]
     flows_fw = [jnp.asarray(2 * rng.standard_normal((1, 2, 16, 16, 2)), jnp.float32)]
     results = []
-    for remat, tie in (("none", True), ("full", True), ("full", False)):
+    # 2 x 2 alignment problems (backward and forward, 2 frame pairs): alignment_chunk 2 runs them in 2 chunks.
+    for remat, tie, chunk in (("none", True, 0), ("full", True, 0), ("full", False, 0), ("full", True, 2)):
         stage = Stage(8, 8, 2, 2, (2, 8, 8), reshape="none", deformable_groups=2, remat=remat,
-                      tie_parameter_gradients=tie, rngs=nnx.Rngs(0))
+                      tie_parameter_gradients=tie, alignment_chunk=chunk, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(stage)
         noise = np.random.default_rng(4)     # away from the zero-initialised offset conv, the same for each stage
         state = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(noise.standard_normal(p.shape), p.dtype), state)
@@ -323,16 +324,17 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
             return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, fb, ff)) ** 2)
 
         results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(state, x, flows, flows_fw))
-    plain, tied, untied = results
+    plain, tied, untied, chunked = results
     assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(plain[1]))    # every gradient reaches its input
     # The ties add zeros; the programs may still sum in another order (measured: 2e-7 relative).
     assert tied[0] == untied[0]
     for a, b in zip(jax.tree.leaves(tied[1]), jax.tree.leaves(untied[1])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
     # Against the plain stage, float32 sums in another order (measured: 7e-6 of each leaf's largest gradient).
-    np.testing.assert_allclose(tied[0], plain[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(tied[1]), jax.tree.leaves(plain[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * float(np.abs(b).max()))
+    for variant in (tied, chunked):
+        np.testing.assert_allclose(variant[0], plain[0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(variant[1]), jax.tree.leaves(plain[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * float(np.abs(b).max()))
 
 
 def test_a_block_recomputed_after_its_output_cotangent_has_the_gradients_of_jax_checkpoint():

@@ -30,8 +30,12 @@ class VRTConfig:
         logits of one head at a time; every matmul still spans all windows (unlike attention_chunk_windows, at
         no cost in speed on CPU). With or without it, the backward pass recomputes the probabilities from the
         saved log-sum-exp (`attention.window_attention`).
-      alignment_chunk: if > 0, the parallel-warping DCN runs over chunks of at most this many (frame pair x
-        direction) problems, each rematerialised (0: all 2(D-1)N problems at once).
+      alignment_chunk: if > 0, each stage's alignment (flow warping, offset convs, DCN) runs over chunks of at
+        most this many (frame pair x direction) problems one after another, each recomputed from its inputs in
+        the backward pass (`layers.sequential_chunks`; 0: all 2(D-1)N problems at once). It takes stage 7's
+        alignment backward pass off the 5x256x256 train step's peak (XLA temporaries 20.06 -> 19.50 GiB with 2)
+        for +29 % compile time; meant for one device (the chunks are ordered by a tie that reads one element
+        shared by all problems).
       tie_parameter_gradients: in the backward pass each stage's input gradient (and that of its self-attention
         group, its fusion MLP and each TMSA block's MLP) waits for the parameter gradients of that part
         (layers.gradients_before_input), which XLA:CPU's scheduler otherwise leaves for late, holding the

@@ -288,3 +288,57 @@ def checkpoint_after_cotangent(fn):
 
     wrapped.defvjp(forward, backward)
     return wrapped
+
+
+def sequential_chunks(fn, chunk: int):
+    """fn(state, *args) -> out, with every leaf of args and out split along its first (problem) axis, run over
+    chunks of `chunk` problems one after another, in the forward pass and in the backward pass.
+
+    The backward pass recomputes each chunk from the saved inputs and takes its gradient; the next chunk's inputs
+    get zero times one element of every gradient of the chunk before, so its recomputation waits for that
+    gradient, and only one chunk's intermediates are alive at a time. (Optimization barriers between statically
+    unrolled chunks did not bound memory: XLA:CPU drops them before it schedules. A lax.scan over the chunks did,
+    but XLA:CPU ran the sampling gathers and scatters inside its body about 6x slower; docs/PERFORMANCE.md.)
+
+    Each tie reads one element shared by all problems: with the problem axis split over devices it would be a
+    collective per chunk, so this is for one device (VRTConfig.alignment_chunk)."""
+
+    def pieces(tree, m):
+        return [jax.tree.map(lambda t: t[i:i + chunk], tree) for i in range(0, m, chunk)]
+
+    def after(tree, previous):
+        zero = jnp.zeros((), jnp.float32) * _first_elements(previous)
+        return jax.tree.map(lambda t: t + zero.astype(t.dtype) if _floating(t) else t, tree)
+
+    def concatenate(outs):
+        return jax.tree.map(lambda *ts: jnp.concatenate(ts, axis=0), *outs)
+
+    def forward_only(state, args):
+        outs = []
+        for piece in pieces(args, jax.tree.leaves(args)[0].shape[0]):
+            outs.append(fn(state, *(after(piece, outs[-1]) if outs else piece)))
+        return concatenate(outs)
+
+    @jax.custom_vjp
+    def chunked(state, args):
+        return forward_only(state, args)
+
+    def forward(state, args):
+        return forward_only(state, args), (state, args)
+
+    def backward(saved, cotangent):
+        state, args = saved
+        m = jax.tree.leaves(args)[0].shape[0]
+        grad_state, grad_args = None, []
+        for piece, piece_cotangent in zip(pieces(args, m), pieces(cotangent, m)):
+            if grad_args:
+                piece = after(piece, (grad_state, grad_args[-1]))
+            _, vjp = jax.vjp(lambda st, a: fn(st, *a), state, piece)
+            piece_grad_state, piece_grad_args = vjp(piece_cotangent)
+            grad_state = piece_grad_state if grad_state is None else jax.tree.map(jnp.add, grad_state,
+                                                                                    piece_grad_state)
+            grad_args.append(piece_grad_args)
+        return grad_state, concatenate(grad_args)
+
+    chunked.defvjp(forward, backward)
+    return lambda state, *args: chunked(state, args)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES, TMSAG, _largest_divisor_at_most
 from vrtspike_jax.models.vrt.layers import (Conv2d, LayerNorm, Linear, MlpGEGLU, checkpoint_after_cotangent,
-                                            gradients_before_input, parameter_gradients_first,
+                                            gradients_before_input, parameter_gradients_first, sequential_chunks,
                                             torch_uniform_init)
 from vrtspike_jax.models.vrt.warping import deform_conv2d, flow_warp
 
@@ -218,26 +218,19 @@ class Stage(nnx.Module):
     def _align(self, neighbours, flows, current):
         """Flow warping + DCN of M stacked alignment problems ([M, H, W, ...] each) -> [M, H, W, C].
 
-        With alignment_chunk > 0 the problems run in rematerialised chunks, so that the DCN's sampled taps (9x the
-        feature map per problem) exist for one chunk at a time in training."""
+        With alignment_chunk > 0 the problems run in chunks one after another (layers.sequential_chunks), in the
+        forward pass and, each chunk recomputed from its inputs, in the backward pass: the alignment's
+        intermediates (the offset convs' activations, the 27*dg-channel offset and mask maps, the DCN's sampling
+        and their gradients) exist for one chunk at a time."""
 
-        def run(nbs, fls, cur):
+        def run(deform, nbs, fls, cur):
             warped = [flow_warp(nb, fl, "bilinear", "zeros") for nb, fl in zip(nbs, fls)]
-            return self.pa_deform(jnp.concatenate(nbs, axis=-1), warped, cur, fls)
+            return deform(jnp.concatenate(nbs, axis=-1), warped, cur, fls)
 
         m = current.shape[0]
         chunk = _largest_divisor_at_most(m, self.alignment_chunk) if self.alignment_chunk else m
         if chunk >= m:
-            return run(neighbours, flows, current)
-        # Statically unrolled chunks (XLA:CPU runs gathers and their scatter-add gradients inside a lax.map body
-        # about 25x slower). An optimization barrier ties each chunk's inputs to the previous chunk's output, so
-        # that the chunks run one after another in the forward pass and, through the barrier's transpose, in
-        # the backward pass too: only one chunk's intermediates are alive at a time.
-        body = jax.checkpoint(run)
-        outs = []
-        for i in range(0, m, chunk):
-            args = ([t[i:i + chunk] for t in neighbours], [t[i:i + chunk] for t in flows], current[i:i + chunk])
-            if outs:
-                args, _ = jax.lax.optimization_barrier((args, outs[-1]))
-            outs.append(body(*args))
-        return jnp.concatenate(outs, axis=0)
+            return run(self.pa_deform, neighbours, flows, current)
+        graphdef, state = nnx.split(self.pa_deform)
+        apply = lambda st, nbs, fls, cur: run(nnx.merge(graphdef, st), nbs, fls, cur)  # noqa: E731
+        return sequential_chunks(apply, chunk)(state, neighbours, flows, current)
