@@ -215,8 +215,7 @@ def _gradients_before_input_bwd(tie_parameters, _, cotangents):
     grad_state, grad_x, grad_flows = cotangents
     grad_x = _after_rows(grad_x, grad_flows)
     if tie_parameters:
-        zero = jnp.zeros((), jnp.float32) * _first_elements(grad_state)
-        grad_x = grad_x + zero.astype(grad_x.dtype)
+        grad_x = _after_all(grad_x, grad_state)
     return grad_state, grad_x, grad_flows
 
 
@@ -236,6 +235,13 @@ def _first_elements(tree):
     """One float32 scalar that depends on every floating leaf of `tree` (the sum of their first elements)."""
     firsts = [leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in jax.tree.leaves(tree) if _floating(leaf)]
     return jnp.sum(jnp.concatenate(firsts)) if firsts else jnp.zeros((), jnp.float32)
+
+
+def _after_all(values, tree):
+    """`values` (floating leaves) plus zero times one element of every floating leaf of `tree`: each then depends
+    on all of `tree`. The element is shared by the whole batch (a collective when `tree` is split over devices)."""
+    zero = jnp.zeros((), jnp.float32) * _first_elements(tree)
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype) if _floating(v) else v, values)
 
 
 def _floating(leaf) -> bool:
@@ -303,20 +309,17 @@ def sequential_chunks(fn, chunk: int):
     Each tie reads one element shared by all problems: with the problem axis split over devices it would be a
     collective per chunk, so this is for one device (VRTConfig.alignment_chunk)."""
 
-    def pieces(tree, m):
+    def pieces(tree):
+        m = jax.tree.leaves(tree)[0].shape[0]
         return [jax.tree.map(lambda t: t[i:i + chunk], tree) for i in range(0, m, chunk)]
-
-    def after(tree, previous):
-        zero = jnp.zeros((), jnp.float32) * _first_elements(previous)
-        return jax.tree.map(lambda t: t + zero.astype(t.dtype) if _floating(t) else t, tree)
 
     def concatenate(outs):
         return jax.tree.map(lambda *ts: jnp.concatenate(ts, axis=0), *outs)
 
     def forward_only(state, args):
         outs = []
-        for piece in pieces(args, jax.tree.leaves(args)[0].shape[0]):
-            outs.append(fn(state, *(after(piece, outs[-1]) if outs else piece)))
+        for piece in pieces(args):
+            outs.append(fn(state, *(_after_all(piece, outs[-1]) if outs else piece)))
         return concatenate(outs)
 
     @jax.custom_vjp
@@ -328,11 +331,10 @@ def sequential_chunks(fn, chunk: int):
 
     def backward(saved, cotangent):
         state, args = saved
-        m = jax.tree.leaves(args)[0].shape[0]
         grad_state, grad_args = None, []
-        for piece, piece_cotangent in zip(pieces(args, m), pieces(cotangent, m)):
+        for piece, piece_cotangent in zip(pieces(args), pieces(cotangent)):
             if grad_args:
-                piece = after(piece, (grad_state, grad_args[-1]))
+                piece = _after_all(piece, (grad_state, grad_args[-1]))
             _, vjp = jax.vjp(lambda st, a: fn(st, *a), state, piece)
             piece_grad_state, piece_grad_args = vjp(piece_cotangent)
             grad_state = piece_grad_state if grad_state is None else jax.tree.map(jnp.add, grad_state,
