@@ -309,8 +309,14 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 3, 16, 16, 8)), jnp.float32)
-    flows = [jnp.asarray(2 * rng.standard_normal((1, 2, 16, 16, 2)), jnp.float32)]
-    flows_fw = [jnp.asarray(2 * rng.standard_normal((1, 2, 16, 16, 2)), jnp.float32)]
+    # Bilinear sampling's gradient jumps where a sampling position crosses an integer, so the variants (whose
+    # float32 sums run in other orders) are compared at a point where every DCN sampling position is at least 0.1
+    # pixel from one: flows of whole pixels plus 0.5 +- 0.2 and offset residues under 0.2 pixel (the last offset
+    # conv's noise below). With flows drawn from a normal, one DCN position lay 4e-6 pixel below an integer, and
+    # on an AMD EPYC host at --xla_backend_optimization_level=0 the plain stage put it on the integer: 0.4 % apart.
+    whole_pixels = lambda: np.round(2 * rng.standard_normal((1, 2, 16, 16, 2))) + 0.5  # noqa: E731
+    flows = [jnp.asarray(whole_pixels() + rng.uniform(-0.2, 0.2, (1, 2, 16, 16, 2)), jnp.float32)]
+    flows_fw = [jnp.asarray(whole_pixels() + rng.uniform(-0.2, 0.2, (1, 2, 16, 16, 2)), jnp.float32)]
     results = []
     # 2 x 2 alignment problems (backward and forward, 2 frame pairs): alignment_chunk 2 runs them in 2 chunks.
     for remat, tie, chunk in (("none", True, 0), ("full", True, 0), ("full", False, 0), ("full", True, 2)):
@@ -318,7 +324,12 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
                       tie_parameter_gradients=tie, alignment_chunk=chunk, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(stage)
         noise = np.random.default_rng(4)     # away from the zero-initialised offset conv, the same for each stage
-        state = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(noise.standard_normal(p.shape), p.dtype), state)
+
+        def perturb(path, p):
+            last_offset_conv = "conv_offset" in jax.tree_util.keystr(path) and "[3]" in jax.tree_util.keystr(path)
+            return p + (1e-4 if last_offset_conv else 0.1) * jnp.asarray(noise.standard_normal(p.shape), p.dtype)
+
+        state = jax.tree_util.tree_map_with_path(perturb, state)
 
         def loss(state, x, fb, ff, graphdef=graphdef):
             return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, fb, ff)) ** 2)
