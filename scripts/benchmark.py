@@ -45,7 +45,7 @@ from vrtspike_jax import cli  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Flags that override `model.<field>` of the config (None: keep the config's value).
-MODEL_KNOBS = ("dtype", "remat", "remat_stages", "scan_blocks", "attention_chunk_windows", "attention_per_head",
+MODEL_KNOBS = ("dtype", "remat", "remat_stages", "remat_attention", "scan_blocks", "attention_chunk_windows", "attention_per_head",
                "alignment_chunk", "tie_parameter_gradients")
 
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "dots_with_no_batch_dims_saveable"])
     parser.add_argument("--remat_stages", type=_flag_bool, default=None,
                         help="1: also rematerialise each stage as a whole (leanest training memory, one more forward)")
+    parser.add_argument("--remat_attention", type=_flag_bool, default=None,
+                        help="1: also recompute each TMSA block's attention after its MLP's backward pass")
     parser.add_argument("--scan_blocks", type=_flag_bool, default=None)
     parser.add_argument("--attention_chunk_windows", type=int, default=None)
     parser.add_argument("--attention_per_head", type=_flag_bool, default=None)

@@ -82,10 +82,11 @@ def test_stage1_parallel_warping_matches(fixture_run):
 
 
 def test_execution_options_do_not_change_the_function(load_fixture, fixture_file):
-    """scan over blocks, remat and attention / alignment chunking compute the same function."""
+    """scan over blocks, remat (of blocks, and of each block's attention) and attention / alignment chunking compute
+    the same function."""
     z = load_fixture("vrt_small_seed1_padded.npz")
     kwargs = json.loads(str(z["config_json"]))
-    config = config_from_official_kwargs(**kwargs).replace(scan_blocks=True, remat="full",
+    config = config_from_official_kwargs(**kwargs).replace(scan_blocks=True, remat="full", remat_attention=True,
                                                             attention_chunk_windows=5, alignment_chunk=3)
     per_head = config.replace(attention_chunk_windows=0, attention_per_head=True, remat="dots_saveable")
     for cfg in (config, per_head):
@@ -303,8 +304,9 @@ def test_a_stages_gradients_come_before_its_input_gradient_unchanged(tie_paramet
 def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its_ordering_ties():
     """A whole stage (mutual and self TMSA groups, flow-guided DCN alignment, fusion MLP) rematerialised with its
     ordering ties (the self group's, the alignment's, the fusion MLP's and each TMSA block MLP's parameter gradients
-    before their input gradients), and with its alignment problems in sequential chunks (alignment_chunk), computes
-    the value and every gradient (parameters, input, flows) of the plain stage."""
+    before their input gradients), with its alignment problems in sequential chunks (alignment_chunk), and with each
+    block's attention recomputed once more after its MLP's backward pass (remat_attention), computes the value and
+    every gradient (parameters, input, flows) of the plain stage."""
     from vrtspike_jax.models.vrt.stages import Stage
 
     rng = np.random.default_rng(3)
@@ -319,9 +321,11 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
     flows_fw = [jnp.asarray(whole_pixels() + rng.uniform(-0.2, 0.2, (1, 2, 16, 16, 2)), jnp.float32)]
     results = []
     # 2 x 2 alignment problems (backward and forward, 2 frame pairs): alignment_chunk 2 runs them in 2 chunks.
-    for remat, tie, chunk in (("none", True, 0), ("full", True, 0), ("full", False, 0), ("full", True, 2)):
+    for remat, tie, chunk, attention in (("none", True, 0, False), ("full", True, 0, False), ("full", False, 0, False),
+                                         ("full", True, 2, False), ("full", True, 0, True)):
         stage = Stage(8, 8, 2, 2, (2, 8, 8), reshape="none", deformable_groups=2, remat=remat,
-                      tie_parameter_gradients=tie, alignment_chunk=chunk, rngs=nnx.Rngs(0))
+                      tie_parameter_gradients=tie, alignment_chunk=chunk, remat_attention=attention,
+                      rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(stage)
         noise = np.random.default_rng(4)     # away from the zero-initialised offset conv, the same for each stage
 
@@ -335,14 +339,14 @@ def test_a_stage_has_the_same_value_and_gradients_with_and_without_remat_and_its
             return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, fb, ff)) ** 2)
 
         results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(state, x, flows, flows_fw))
-    plain, tied, untied, chunked = results
+    plain, tied, untied, chunked, attention_again = results
     assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(plain[1]))    # every gradient reaches its input
     # The ties add zeros; the programs may still sum in another order (measured: 2e-7 relative).
     assert tied[0] == untied[0]
     for a, b in zip(jax.tree.leaves(tied[1]), jax.tree.leaves(untied[1])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
     # Against the plain stage, float32 sums in another order (measured: 7e-6 of each leaf's largest gradient).
-    for variant in (tied, chunked):
+    for variant in (tied, chunked, attention_again):
         np.testing.assert_allclose(variant[0], plain[0], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(variant[1]), jax.tree.leaves(plain[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * float(np.abs(b).max()))

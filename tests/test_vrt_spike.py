@@ -136,6 +136,37 @@ def test_one_training_step_reaches_every_spike_parameter():
                 assert value > 0, (part, path)
 
 
+def test_the_fusion_has_the_same_value_and_gradients_with_every_remat_option():
+    """The fusion after a stage (spike self-attention, then cross-attention into the RGB features), rematerialised
+    as a whole and, with remat_attention, its spike self-attention recomputed once more after the cross-attention's
+    backward pass: the value and every gradient (parameters, RGB and spike features) of the plain fusion."""
+    rng = np.random.default_rng(5)
+    rgb, spike = (jnp.asarray(rng.standard_normal((1, 3, 8, 8, 16)), jnp.float32) for _ in range(2))
+    results = []
+    for remat, again in (("none", False), ("full", False), ("full", True), ("dots_saveable", True)):
+        config = VRTWithSpikeConfig(vrt=preset("small_fixture", **TINY, remat=remat, remat_attention=again),
+                                    spike_bins=4, fuse_stages=(1,))
+        model = VRTWithSpike(config, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split((model.spike_temporal_sa[0], model.cross_attn_fuse[0]))
+        fuse = model._fuse_fn()
+
+        def loss(state, rgb, spike, graphdef=graphdef, fuse=fuse):
+            return jnp.sum(jnp.sin(fuse(graphdef, state, rgb, spike)) ** 2)
+
+        results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(state, rgb, spike))
+    # A key bias gets exactly no gradient (softmax is invariant to a per-query constant): float32 leaves ~1e-6 there.
+    key_bias = lambda path: "k_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path)  # noqa
+    plain = results[0]
+    for variant in results:
+        np.testing.assert_allclose(variant[0], plain[0], rtol=1e-6)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant[1]), jax.tree.leaves(plain[1])):
+            if key_bias(path):
+                assert np.abs(a).max() < 1e-5, jax.tree_util.keystr(path)
+                continue
+            assert np.abs(b).max() > 0, jax.tree_util.keystr(path)    # every other gradient reaches its input
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
 def test_model_config_from_dict_and_build():
     cfg = {"vrt_preset": "small_fixture", "vrt_overrides": dict(TINY), "spike_bins": 4, "fuse_stages": [1, 7],
            "remat": "full", "scan_blocks": True, "dtype": None}

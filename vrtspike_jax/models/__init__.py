@@ -14,8 +14,8 @@ from vrtspike_jax.models.vrt import VRT, VRTConfig, preset
 from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig, part_parameter_counts
 
 # Fields of the `model` config section and where they go.
-_VRT_EXECUTION_FIELDS = ("remat", "remat_stages", "scan_blocks", "attention_chunk_windows", "attention_per_head",
-                         "alignment_chunk", "tie_parameter_gradients", "dtype", "param_dtype")
+_VRT_EXECUTION_FIELDS = ("remat", "remat_stages", "remat_attention", "scan_blocks", "attention_chunk_windows",
+                         "attention_per_head", "alignment_chunk", "tie_parameter_gradients", "dtype", "param_dtype")
 _SPIKE_FIELDS = ("use_spike", "spike_bins", "fuse_stages", "spike_scale", "spike_upsample", "spike_heads",
                  "spike_mlp_ratio", "encoder_temporal_strides")
 
@@ -25,8 +25,8 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> VRTWithSpikeConfig:
 
     vrt_preset (a name of vrtspike_jax.models.vrt.PRESETS, e.g. 'deblur', 'sr_reds', 'small_fixture'),
     vrt_overrides (mapping of VRTConfig architecture fields, e.g. {'embed_dims': [...], 'depths': [...]}),
-    the VRT execution options (remat, remat_stages, scan_blocks, attention_chunk_windows, attention_per_head,
-    alignment_chunk, tie_parameter_gradients, dtype, param_dtype)
+    the VRT execution options (remat, remat_stages, remat_attention, scan_blocks, attention_chunk_windows,
+    attention_per_head, alignment_chunk, tie_parameter_gradients, dtype, param_dtype)
     and the spike fields of VRTWithSpikeConfig (use_spike, spike_bins, fuse_stages, spike_scale, ...).
     Unknown keys are an error (a typo must not silently train another model).
     """

@@ -22,6 +22,7 @@ def _model_config(data) -> ml_collections.ConfigDict:
     model.vrt_overrides = ml_collections.ConfigDict()   # VRTConfig architecture fields (depths, embed_dims, ...)
     model.remat = "full"                        # rematerialise every TMSA block in training (memory)
     model.remat_stages = False                  # True: also each stage as a whole (leanest memory, +1 forward)
+    model.remat_attention = False               # True: each block's attention recomputed after its MLP's backward
     model.scan_blocks = True                    # repeated TMSA blocks compiled once (lax.scan)
     model.attention_chunk_windows = 0
     model.attention_per_head = True             # attention logits of one head at a time (training memory)

@@ -340,16 +340,43 @@ def draw_keep_masks(rng, rates, batch: int):
     return jax.random.bernoulli(rng, keep, (len(rates), 2, batch))
 
 
+def _attention_part(norm1, attn, block_window_size, x, region_labels, shift_size):
+    """TMSA.attention_part's computation: norm1, zero padding to window multiples, the cyclic shift, window attention
+    and the way back."""
+    b, d, h, w, c = x.shape
+    window_size, shift_size = get_window_size((d, h, w), block_window_size, shift_size)
+    x = norm1(x)
+    # Zero-pad after the norm up to window multiples; padded tokens take part as keys/values (official).
+    pad_d = (window_size[0] - d % window_size[0]) % window_size[0]
+    pad_h = (window_size[1] - h % window_size[1]) % window_size[1]
+    pad_w = (window_size[2] - w % window_size[2]) % window_size[2]
+    if pad_d or pad_h or pad_w:
+        x = jnp.pad(x, ((0, 0), (0, pad_d), (0, pad_h), (0, pad_w), (0, 0)))
+    _, dp, hp, wp, _ = x.shape
+    shifted = any(s > 0 for s in shift_size)
+    if shifted:
+        x = jnp.roll(x, shift=tuple(-s for s in shift_size), axis=(1, 2, 3))
+    windows = window_partition(x, window_size)
+    windows = attn(windows, region_labels if shifted else None)
+    x = window_reverse(windows, window_size, b, dp, hp, wp)
+    if shifted:
+        x = jnp.roll(x, shift=shift_size, axis=(1, 2, 3))
+    if pad_d or pad_h or pad_w:
+        x = x[:, :d, :h, :w, :]
+    return x
+
+
 class TMSA(nnx.Module):
     """One temporal mutual self attention block (official TMSA, N:728-852), pre-norm, on [B, D, H, W, C]."""
 
     def __init__(self, dim: int, num_heads: int, window_size, shift_size, *, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path: float = 0.0,
-                 chunk_windows: int = 0, per_head: bool = False, tie_mlp_gradients: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, tie_mlp_gradients: bool = False,
+                 remat_attention: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(shift_size)
         self.tie_mlp_gradients = bool(tie_mlp_gradients)
+        self.remat_attention = bool(remat_attention)
         for ws, s in zip(self.window_size, self.shift_size):
             if not 0 <= s < ws:
                 raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size {self.window_size})")
@@ -362,28 +389,21 @@ class TMSA(nnx.Module):
         self.mlp = MlpGEGLU(dim, int(dim * mlp_ratio), **kw)
 
     def attention_part(self, x, region_labels, shift_size=None):
-        b, d, h, w, c = x.shape
+        """norm1 and the (shifted) window attention of x: [B, D, H, W, C] -> [B, D, H, W, C] (no residual).
+
+        With remat_attention it is recomputed from x in the backward pass once its output's cotangent exists
+        (layers.checkpoint_after_cotangent), so that inside a rematerialised block the MLP's backward pass runs
+        without the attention's intermediates alive."""
         shift_size = self.shift_size if shift_size is None else tuple(shift_size)
-        window_size, shift_size = get_window_size((d, h, w), self.window_size, shift_size)
-        x = self.norm1(x)
-        # Zero-pad after the norm up to window multiples; padded tokens take part as keys/values (official).
-        pad_d = (window_size[0] - d % window_size[0]) % window_size[0]
-        pad_h = (window_size[1] - h % window_size[1]) % window_size[1]
-        pad_w = (window_size[2] - w % window_size[2]) % window_size[2]
-        if pad_d or pad_h or pad_w:
-            x = jnp.pad(x, ((0, 0), (0, pad_d), (0, pad_h), (0, pad_w), (0, 0)))
-        _, dp, hp, wp, _ = x.shape
-        shifted = any(s > 0 for s in shift_size)
-        if shifted:
-            x = jnp.roll(x, shift=tuple(-s for s in shift_size), axis=(1, 2, 3))
-        windows = window_partition(x, window_size)
-        windows = self.attn(windows, region_labels if shifted else None)
-        x = window_reverse(windows, window_size, b, dp, hp, wp)
-        if shifted:
-            x = jnp.roll(x, shift=shift_size, axis=(1, 2, 3))
-        if pad_d or pad_h or pad_w:
-            x = x[:, :d, :h, :w, :]
-        return x
+        if not self.remat_attention:
+            return _attention_part(self.norm1, self.attn, self.window_size, x, region_labels, shift_size)
+        graphdef, state = nnx.split((self.norm1, self.attn))
+
+        def fn(st, y):
+            norm1, attn = nnx.merge(graphdef, st)
+            return _attention_part(norm1, attn, self.window_size, y, region_labels, shift_size)
+
+        return checkpoint_after_cotangent(fn)(state, x)
 
     def __call__(self, x, region_labels, keep_masks=None, drop_rate=None, shift_size=None):
         """x: [B, D, H, W, C]; region_labels: the group's shifted-window region labels [nW, N] (numpy) or None;
@@ -429,7 +449,8 @@ class TMSAG(nnx.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, shift_size=None, mut_attn: bool = True,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none",
                  scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False,
-                 tie_parameter_gradients: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 tie_parameter_gradients: bool = False, remat_attention: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.window_size = tuple(window_size)
         self.shift_size = tuple(s // 2 for s in window_size) if shift_size is None else tuple(shift_size)
         for ws, s in zip(self.window_size, self.shift_size):
@@ -443,7 +464,8 @@ class TMSAG(nnx.Module):
         blocks = [TMSA(dim, num_heads, self.window_size, (0, 0, 0), mut_attn=mut_attn, mlp_ratio=mlp_ratio,
                        qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=self.drop_path_rates[i],
                        chunk_windows=chunk_windows, per_head=per_head,
-                       tie_mlp_gradients=remat != "none" and tie_parameter_gradients, dtype=dtype,
+                       tie_mlp_gradients=remat != "none" and tie_parameter_gradients,
+                       remat_attention=remat_attention, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
                   for i in range(depth)]
         if blocks:
@@ -559,13 +581,13 @@ class RTMSA(nnx.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size, *, mlp_ratio: float = 2.0,
                  qkv_bias: bool = True, qk_scale=None, drop_path=0.0, remat: str = "none", scan_blocks: bool = False,
-                 chunk_windows: int = 0, per_head: bool = False, tie_parameter_gradients: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 chunk_windows: int = 0, per_head: bool = False, tie_parameter_gradients: bool = False,
+                 remat_attention: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.residual_group = TMSAG(dim, depth, num_heads, window_size, mut_attn=False, mlp_ratio=mlp_ratio,
                                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path, remat=remat,
                                     scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head,
-                                    tie_parameter_gradients=tie_parameter_gradients, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
+                                    tie_parameter_gradients=tie_parameter_gradients,
+                                    remat_attention=remat_attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, rng=None):

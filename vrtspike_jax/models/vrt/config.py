@@ -23,6 +23,9 @@ class VRTConfig:
         'dots_with_no_batch_dims_saveable').
       remat_stages: also rematerialise each of stages 1-7 as a whole (only its input is kept for the backward pass),
         on top of the per-block policy: the leanest training memory, at about one more forward pass.
+      remat_attention: also recompute each TMSA block's attention part (norm, window attention) from its input in
+        the backward pass, after the MLP's backward pass (inside the block's own recomputation with remat='full'),
+        so that the attention's intermediates and the MLP's backward buffers are not alive together.
       scan_blocks: run repeated TMSA blocks with `jax.lax.scan` (compiled once per group, not unrolled).
       attention_chunk_windows: if > 0, attention runs over chunks of at most this many windows, each chunk
         rematerialised, so training holds the attention logits of one chunk at a time (0: all windows at once).
@@ -64,6 +67,7 @@ class VRTConfig:
     # execution options
     remat: str = "none"
     remat_stages: bool = False
+    remat_attention: bool = False
     scan_blocks: bool = False
     attention_chunk_windows: int = 0
     attention_per_head: bool = True

@@ -100,8 +100,8 @@ class Stage(nnx.Module):
                  mul_attn_ratio: float = 0.75, mlp_ratio: float = 2.0, qkv_bias: bool = True, qk_scale=None,
                  drop_path=0.0, pa_frames: int = 2, deformable_groups: int = 16, max_residue_magnitude: float = 10.0,
                  remat: str = "none", scan_blocks: bool = False, chunk_windows: int = 0, per_head: bool = False,
-                 alignment_chunk: int = 0, tie_parameter_gradients: bool = True, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 alignment_chunk: int = 0, tie_parameter_gradients: bool = True, remat_attention: bool = False,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if reshape not in ("none", "down", "up"):
             raise ValueError(f"reshape must be 'none', 'down' or 'up', got {reshape!r}")
         self.alignment_chunk = int(alignment_chunk)
@@ -122,7 +122,7 @@ class Stage(nnx.Module):
         depth_mut = int(depth * mul_attn_ratio)
         group_kw = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path,
                         remat=remat, scan_blocks=scan_blocks, chunk_windows=chunk_windows, per_head=per_head,
-                        tie_parameter_gradients=tie_parameter_gradients, **kw)
+                        tie_parameter_gradients=tie_parameter_gradients, remat_attention=remat_attention, **kw)
         self.residual_group1 = TMSAG(dim, depth_mut, num_heads, (2, window_size[1], window_size[2]),
                                      mut_attn=True, **group_kw)
         self.linear1 = Linear(dim, dim, **kw)

@@ -87,7 +87,7 @@ class VRT(nnx.Module):
                 deformable_groups=c.deformable_groups, max_residue_magnitude=10 / STAGE_SCALES[i], remat=c.remat,
                 scan_blocks=c.scan_blocks, chunk_windows=c.attention_chunk_windows,
                 per_head=c.attention_per_head, alignment_chunk=c.alignment_chunk,
-                tie_parameter_gradients=c.tie_parameter_gradients, **kw))
+                tie_parameter_gradients=c.tie_parameter_gradients, remat_attention=c.remat_attention, **kw))
         self.stages = nnx.List(stages)
         self.stage8_norm = LayerNorm(c.embed_dims[6], **kw)
         self.stage8_linear = Linear(c.embed_dims[6], c.embed_dims[7], **kw)
@@ -97,7 +97,7 @@ class VRT(nnx.Module):
                   mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale,
                   drop_path=dpr[sum(c.depths[:i]):sum(c.depths[:i + 1])], remat=c.remat, scan_blocks=c.scan_blocks,
                   chunk_windows=c.attention_chunk_windows, per_head=c.attention_per_head,
-                  tie_parameter_gradients=c.tie_parameter_gradients, **kw)
+                  tie_parameter_gradients=c.tie_parameter_gradients, remat_attention=c.remat_attention, **kw)
             for i in range(7, len(c.depths))])
         self.norm = LayerNorm(c.embed_dims[-1], **kw)
         self.conv_after_body = Linear(c.embed_dims[-1], c.embed_dims[0], **kw)
