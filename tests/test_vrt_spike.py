@@ -138,8 +138,8 @@ def test_one_training_step_reaches_every_spike_parameter():
 
 def test_the_fusion_has_the_same_value_and_gradients_with_every_remat_option():
     """The fusion after a stage (spike self-attention, then cross-attention into the RGB features), rematerialised
-    as a whole and, with remat_attention, its spike self-attention recomputed once more after the cross-attention's
-    backward pass: the value and every gradient (parameters, RGB and spike features) of the plain fusion."""
+    under each policy (with remat_attention, which leaves the fusion as it is): the value and every gradient
+    (parameters, RGB and spike features) of the plain fusion."""
     rng = np.random.default_rng(5)
     rgb, spike = (jnp.asarray(rng.standard_normal((1, 3, 8, 8, 16)), jnp.float32) for _ in range(2))
     results = []

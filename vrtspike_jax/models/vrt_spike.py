@@ -163,12 +163,6 @@ class VRTWithSpike(nnx.Module):
 
         def fuse(graphdef, state, rgb, spike):
             tsa, fuse_block = nnx.merge(graphdef, state)
-            if self.config.vrt.remat_attention:
-                # The spike self-attention recomputed once more, after the cross-attention's backward pass: their
-                # intermediates are not alive together (as each TMSA block's attention and MLP).
-                tsa_graphdef, tsa_state = nnx.split(tsa)
-                return fuse_block(rgb, checkpoint_after_cotangent(
-                    lambda st, s: nnx.merge(tsa_graphdef, st)(s))(tsa_state, spike))
             return fuse_block(rgb, tsa(spike))
 
         policy = self.config.vrt.remat
