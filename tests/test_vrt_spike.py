@@ -103,6 +103,7 @@ def test_spike_input_errors():
     (dict(spike_scale=1.5), "spike_scale must be a positive integer"),
     (dict(fuse_stages=(0, 8)), "fuse_stages must be distinct VRT stages among 1..7"),
     (dict(spike_heads=3), "stage 1: width 16 is not divisible by spike_heads=3"),
+    (dict(fusion_chunk_rows=-8), r"fusion_chunk_rows must be an integer >= 0 \(0: no chunks\), got -8"),
 ])
 def test_misconfiguration_fails_at_construction(kwargs, message):
     base = dict(vrt=preset("small_fixture", **TINY), spike_bins=4)
@@ -138,20 +139,21 @@ def test_one_training_step_reaches_every_spike_parameter():
 
 def test_the_fusion_has_the_same_value_and_gradients_with_every_remat_option():
     """The fusion after a stage (spike self-attention, then cross-attention into the RGB features), rematerialised
-    under each policy (with remat_attention, which leaves the fusion as it is): the value and every gradient
-    (parameters, RGB and spike features) of the plain fusion."""
+    under each policy (with remat_attention, which leaves the fusion as it is), and over chunks of rows
+    (fusion_chunk_rows 3: 4 chunks of 2 of the 8 rows): the value and every gradient (parameters, RGB and spike
+    features) of the plain fusion."""
     rng = np.random.default_rng(5)
     rgb, spike = (jnp.asarray(rng.standard_normal((1, 3, 8, 8, 16)), jnp.float32) for _ in range(2))
     results = []
-    for remat, again in (("none", False), ("full", False), ("full", True), ("dots_saveable", True)):
+    for remat, again, rows in (("none", False, 0), ("full", False, 0), ("full", True, 0), ("dots_saveable", True, 0),
+                               ("full", False, 3), ("none", False, 4)):
         config = VRTWithSpikeConfig(vrt=preset("small_fixture", **TINY, remat=remat, remat_attention=again),
-                                    spike_bins=4, fuse_stages=(1,))
+                                    spike_bins=4, fuse_stages=(1,), fusion_chunk_rows=rows)
         model = VRTWithSpike(config, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split((model.spike_temporal_sa[0], model.cross_attn_fuse[0]))
-        fuse = model._fuse_fn()
 
-        def loss(state, rgb, spike, graphdef=graphdef, fuse=fuse):
-            return jnp.sum(jnp.sin(fuse(graphdef, state, rgb, spike)) ** 2)
+        def loss(state, rgb, spike, graphdef=graphdef, model=model):
+            return jnp.sum(jnp.sin(model._fuse_in_rows(model._fuse_fn(), graphdef, state, rgb, spike)) ** 2)
 
         results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(state, rgb, spike))
     # A key bias gets exactly no gradient (softmax is invariant to a per-query constant): float32 leaves ~1e-6 there.

@@ -17,7 +17,7 @@ from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig, part
 _VRT_EXECUTION_FIELDS = ("remat", "remat_stages", "remat_attention", "scan_blocks", "attention_chunk_windows",
                          "attention_per_head", "alignment_chunk", "tie_parameter_gradients", "dtype", "param_dtype")
 _SPIKE_FIELDS = ("use_spike", "spike_bins", "fuse_stages", "spike_scale", "spike_upsample", "spike_heads",
-                 "spike_mlp_ratio", "encoder_temporal_strides")
+                 "spike_mlp_ratio", "encoder_temporal_strides", "fusion_chunk_rows")
 
 
 def model_config_from_dict(cfg: Mapping[str, Any]) -> VRTWithSpikeConfig:

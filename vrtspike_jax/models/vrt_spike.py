@@ -21,8 +21,9 @@ from flax import nnx
 from vrtspike_jax.models.fusion import TemporalCrossAttnFuse
 from vrtspike_jax.models.spike import SpikeEncoder3D, SpikeTemporalSABlock
 from vrtspike_jax.models.vrt import VRT, VRTConfig
-from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES
-from vrtspike_jax.models.vrt.layers import HostKey, checkpoint_after_cotangent, gradients_before_input
+from vrtspike_jax.models.vrt.attention import _REMAT_POLICIES, _largest_divisor_at_most
+from vrtspike_jax.models.vrt.layers import (HostKey, checkpoint_after_cotangent, gradients_before_input,
+                                           sequential_chunks)
 from vrtspike_jax.models.vrt.warping import resize_bilinear
 
 ENCODER_SCALE_OF_STAGE = {1: 0, 2: 1, 3: 2, 4: 3, 5: 2, 6: 1, 7: 0}  # stage -> encoder scale (1, 1/2, 1/4, 1/8)
@@ -41,6 +42,11 @@ class VRTWithSpikeConfig:
       'bilinear').
     spike_heads, spike_mlp_ratio: of every SpikeTemporalSA and fusion block (4 and 2 in the original).
     encoder_temporal_strides: time strides between encoder scales (1: the clip length is kept, as VRT's stages).
+    fusion_chunk_rows: execution option (the same function): if > 0, each fusion (spike self-attention and
+      cross-attention, both per pixel along time) runs over chunks of at most this many image rows one after
+      another, each recomputed from its inputs in the backward pass (layers.sequential_chunks), so its
+      intermediates exist for one chunk at a time: the 5x256x256 peak had been stage 7's fusion backward pass. For
+      one device (the chunks are ordered by a tie that reads one element shared by all rows).
     """
 
     vrt: VRTConfig = dataclasses.field(default_factory=VRTConfig)
@@ -52,6 +58,7 @@ class VRTWithSpikeConfig:
     spike_heads: int = 4
     spike_mlp_ratio: float = 2.0
     encoder_temporal_strides: Tuple[int, ...] = (1, 1, 1)
+    fusion_chunk_rows: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "fuse_stages", tuple(sorted(int(s) for s in self.fuse_stages)))
@@ -69,6 +76,8 @@ class VRTWithSpikeConfig:
         bad = [s for s in self.fuse_stages if s not in ENCODER_SCALE_OF_STAGE]
         if bad or len(set(self.fuse_stages)) != len(self.fuse_stages):
             raise ValueError(f"fuse_stages must be distinct VRT stages among 1..7, got {list(self.fuse_stages)}")
+        if int(self.fusion_chunk_rows) != self.fusion_chunk_rows or self.fusion_chunk_rows < 0:
+            raise ValueError(f"fusion_chunk_rows must be an integer >= 0 (0: no chunks), got {self.fusion_chunk_rows}")
         if self.spike_bins < 1:
             raise ValueError(f"spike_bins must be >= 1, got {self.spike_bins}")
         if int(self.spike_scale) != self.spike_scale or self.spike_scale < 1:
@@ -174,6 +183,22 @@ class VRTWithSpike(nnx.Module):
                 lambda st, r, s: fuse(graphdef, st, r, s))(state, rgb, spike)
         return jax.checkpoint(fuse, policy=_REMAT_POLICIES[policy], static_argnums=(0,))
 
+    def _fuse_in_rows(self, fuse, graphdef, state, rgb, spike):
+        """fuse(graphdef, state, rgb, spike) ([B, T, H, W, C] each), over chunks of at most `fusion_chunk_rows` rows
+        one after another (layers.sequential_chunks, each chunk recomputed in the backward pass); the fusion works
+        per pixel, so the chunks compute the same function."""
+        h = rgb.shape[2]
+        rows = _largest_divisor_at_most(h, self.config.fusion_chunk_rows) if self.config.fusion_chunk_rows else h
+        if rows >= h:
+            return fuse(graphdef, state, rgb, spike)
+
+        def plain(st, r, s):   # rows first: sequential_chunks splits the leading axis
+            tsa, fuse_block = nnx.merge(graphdef, st)
+            return jnp.moveaxis(fuse_block(jnp.moveaxis(r, 0, 2), tsa(jnp.moveaxis(s, 0, 2))), 2, 0)
+
+        rows_first = sequential_chunks(plain, rows)(state, jnp.moveaxis(rgb, 2, 0), jnp.moveaxis(spike, 2, 0))
+        return jnp.moveaxis(rows_first, 0, 2)
+
     def __call__(self, frames, spike_voxels=None, *, rng=None, return_intermediates: bool = False):
         """frames [B, T, H, W, 3] in [0, 1]; spike_voxels [B, T, H/f, W/f, K] (ignored when use_spike=False).
 
@@ -201,7 +226,7 @@ class VRTWithSpike(nnx.Module):
             # the fusion's whole backward pass (parameter and spike-feature gradients) before the stage's
             state, rgb_in, spike_in = gradients_before_input(state, rgb, spike.astype(rgb.dtype),
                                                              self.config.vrt.tie_parameter_gradients)
-            fused = fuse(graphdef, state, rgb_in, spike_in)
+            fused = self._fuse_in_rows(fuse, graphdef, state, rgb_in, spike_in)
             if return_intermediates:
                 spike_inter.update({f"Fr_{stage}": rgb, f"Fs_{stage}": spike,
                                     f"Fs'_{stage}": self.spike_temporal_sa[j](spike.astype(rgb.dtype)),

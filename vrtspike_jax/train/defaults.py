@@ -39,6 +39,7 @@ def _model_config(data) -> ml_collections.ConfigDict:
     model.spike_heads = 4
     model.spike_mlp_ratio = 2.0
     model.encoder_temporal_strides = (1, 1, 1)
+    model.fusion_chunk_rows = 0                 # > 0: each fusion over chunks of this many rows (memory; one device)
     return model
 
 
