@@ -45,8 +45,8 @@ from vrtspike_jax import cli  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Flags that override `model.<field>` of the config (None: keep the config's value).
-MODEL_KNOBS = ("dtype", "remat", "remat_stages", "remat_attention", "scan_blocks", "attention_chunk_windows", "attention_per_head",
-               "alignment_chunk", "tie_parameter_gradients")
+MODEL_KNOBS = ("dtype", "remat", "remat_stages", "remat_attention", "scan_blocks", "attention_chunk_windows",
+               "attention_per_head", "alignment_chunk", "tie_parameter_gradients")
 
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
