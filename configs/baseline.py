@@ -33,6 +33,10 @@ Variants (`get_config(arg)`, comma-separated, applied left to right, e.g. `:quic
             --config.init.vrt_from=<VRT .npz>; scripts/merge_lora.py folds the factors into plain weights.
   ema       an exponential moving average of the parameters (decay 0.999, S-VRT main's) for validation, best and
             the restorer.
+  lean      the memory levers for large crops on one device, all on: each stage rematerialised as a whole
+            (remat_stages), each TMSA block's attention recomputed after its MLP's backward pass (remat_attention),
+            the alignment in chunks of 2 problems (alignment_chunk) and each spike fusion over chunks of 32 rows
+            (fusion_chunk_rows). The same function; less memory for more compute (docs/TRAINING.md section 2d).
   bench     the fair benchmark data (docs/DATA.md section 7), used as `:quick,bench`: 3 val and 3 test
             sequences of photos never trained on, blur from mild to severe (6-24 px per exposure), spikes at
             half resolution (spike_scale 2, as Spk-X4K1000FPS) with read noise, dark spikes and threshold
@@ -105,6 +109,10 @@ def _bench(config: ml_collections.ConfigDict) -> None:
         blur_px=6.0, blur_px_max=24.0, noise_std=0.1, dark_current=0.005, threshold_std=0.05))
 
 
+def _lean(config: ml_collections.ConfigDict) -> None:
+    config.model.update(dict(remat_stages=True, remat_attention=True, alignment_chunk=2, fusion_chunk_rows=32))
+
+
 def _kair_warmup(config: ml_collections.ConfigDict) -> None:
     for group in ("spynet", "deform"):
         config.optimizer.groups[group].update(dict(frozen_steps=20_000, lr_multiplier=0.125))
@@ -136,6 +144,7 @@ VARIANTS = {
         dict(upscale=1)))),
     "fuse14": lambda c: setattr(c.model, "fuse_stages", (1, 2, 3, 4)),
     "bench": _bench,
+    "lean": _lean,
     "kair_warmup": _kair_warmup,
     "frozen_backbone": _frozen_backbone,
     "staged": _staged,

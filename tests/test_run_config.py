@@ -31,6 +31,20 @@ def test_values_are_typed_and_the_config_is_frozen():
         config.data.num_bins = 3
 
 
+def test_the_lean_variant_turns_on_every_memory_lever_of_the_model_it_builds():
+    """`:lean` (docs/TRAINING.md section 2d): the model built from the config gets all four levers, and only they
+    differ from the default's."""
+    from vrtspike_jax import factory
+
+    default = factory.model_config(baseline.get_config("tiny").model)
+    lean = factory.model_config(baseline.get_config("tiny,lean").model)
+    assert (lean.vrt.remat_stages, lean.vrt.remat_attention, lean.vrt.alignment_chunk, lean.fusion_chunk_rows) == \
+        (True, True, 2, 32)
+    assert dataclasses.replace(lean, vrt=dataclasses.replace(
+        lean.vrt, remat_stages=default.vrt.remat_stages, remat_attention=default.vrt.remat_attention,
+        alignment_chunk=default.vrt.alignment_chunk), fusion_chunk_rows=default.fusion_chunk_rows) == default
+
+
 def _saved(variant="tiny"):
     return checkpointing.config_to_dict(baseline.get_config(variant))
 

@@ -62,7 +62,7 @@ print("RESULTS" + json.dumps(results))
 
 VARIANTS = ["", "quick", "tiny", "vrt_only", "vrt120", "fuse14", "quick,vrt_only", "tiny,fuse14", "quick,vrt120",
             "quick,bench", "gpu=", "quick,kair_warmup", "quick,frozen_backbone", "quick,staged", "quick,ema",
-            "quick,lora"]
+            "quick,lora", "quick,lean"]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,8 @@ def assert_one_line_error(run, *needles):
 def test_unknown_variant_is_one_line_naming_it():
     run = run_script("--config=configs/baseline.py:quick,nope")
     assert_one_line_error(run, "--config=configs/baseline.py:quick,nope", "unknown variant 'nope'",
-                          "known: ['bench', 'ema', 'frozen_backbone', 'fuse14', 'kair_warmup', 'lora', 'quick', 'staged', "
-                          "'tiny', 'vrt120', 'vrt_only']")
+                          "known: ['bench', 'ema', 'frozen_backbone', 'fuse14', 'kair_warmup', 'lean', 'lora', 'quick', "
+                          "'staged', 'tiny', 'vrt120', 'vrt_only']")
 
 
 def test_missing_config_file_is_one_line_naming_it():
