@@ -14,7 +14,7 @@ from vrtspike_jax.models import build_model, model_config_from_dict, part_parame
 from vrtspike_jax.models.vrt import VRT, preset
 from vrtspike_jax.models.vrt_spike import VRTWithSpike, VRTWithSpikeConfig
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, rel_l2
 
 TINY = dict(depths=(2,) * 7 + (1, 1), embed_dims=(16,) * 7 + (24, 24), num_heads=(2,) * 7 + (3, 3),
             deformable_groups=4, indep_reconsts=(8,))
@@ -167,6 +167,35 @@ def test_the_fusion_has_the_same_value_and_gradients_with_every_remat_option():
                 continue
             assert np.abs(b).max() > 0, jax.tree_util.keystr(path)    # every other gradient reaches its input
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_the_lean_levers_together_leave_the_models_value_and_gradients_as_they_are():
+    """The four levers of `configs/baseline.py:lean` at once (every TMSA block rematerialised, each stage as a whole
+    too, each block's attention after its MLP's backward pass, the alignment in chunks of 2 problems, each fusion
+    over chunks of 32 of the 64 rows) against the plain model without remat: the same output and the same gradients
+    (at initialisation the offset convolutions get none: their last layer starts at zero; the stage test of
+    tests/test_vrt_model.py covers them)."""
+    frames, spikes = inputs()
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(frames.shape), jnp.float32)
+    results = []
+    for lean in (False, True):
+        vrt = preset("small_fixture", **dict(TINY, depths=(1,) * 9), remat="full" if lean else "none",
+                     remat_stages=lean, remat_attention=lean, alignment_chunk=2 if lean else 0)
+        config = VRTWithSpikeConfig(vrt=vrt, spike_bins=4, fusion_chunk_rows=32 if lean else 0)
+        graphdef, params, rest = nnx.split(VRTWithSpike(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+        def loss(params, graphdef=graphdef, rest=rest):
+            return jnp.sum(nnx.merge(graphdef, params, rest)(frames, spikes) * weights)
+
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    (plain_value, plain_grads), (lean_value, lean_grads) = results
+    np.testing.assert_allclose(lean_value, plain_value, rtol=1e-6)
+    plain_leaves, lean_leaves = jax.tree.leaves(plain_grads), jax.tree.leaves(lean_grads)
+    assert len(plain_leaves) == len(lean_leaves) > 100
+    assert rel_l2(np.concatenate([np.ravel(g) for g in lean_leaves]),
+                  np.concatenate([np.ravel(g) for g in plain_leaves])) <= 1e-5
+    nonzero = [np.abs(g).max() > 0 for g in plain_leaves]
+    assert sum(nonzero) > 0.8 * len(nonzero), sum(nonzero)
 
 
 def test_model_config_from_dict_and_build():
