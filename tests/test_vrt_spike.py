@@ -1,4 +1,5 @@
 """VRTWithSpike: the spike branch fused into VRT after the configured stages."""
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -170,18 +171,23 @@ def test_the_fusion_has_the_same_value_and_gradients_with_every_remat_option():
 
 
 def test_the_lean_levers_together_leave_the_models_value_and_gradients_as_they_are():
-    """The four levers of `configs/baseline.py:lean` at once (every TMSA block rematerialised, each stage as a whole
-    too, each block's attention after its MLP's backward pass, the alignment in chunks of 2 problems, each fusion
-    over chunks of 32 of the 64 rows) against the plain model without remat: the same output and the same gradients
-    (at initialisation the offset convolutions get none: their last layer starts at zero; the stage test of
-    tests/test_vrt_model.py covers them)."""
-    frames, spikes = inputs()
+    """The model `configs/baseline.py:tiny,lean` builds, with every TMSA block rematerialised as in training (the
+    variant's levers: each stage as a whole too, each block's attention after its MLP's backward pass, the alignment
+    in chunks, each fusion over chunks of rows), against the same model without remat or levers: the same output and
+    the same gradients (at initialisation the offset convolutions get none: their last layer starts at zero; the
+    stage test of tests/test_vrt_model.py covers them)."""
+    from configs import baseline
+    from vrtspike_jax import factory
+
+    lean = factory.model_config(baseline.get_config("tiny,lean").model)
+    lean = dataclasses.replace(lean, vrt=dataclasses.replace(lean.vrt, remat="full"))
+    plain = dataclasses.replace(lean, fusion_chunk_rows=0, vrt=dataclasses.replace(
+        lean.vrt, remat="none", remat_stages=False, remat_attention=False, alignment_chunk=0))
+    assert lean.fusion_chunk_rows and lean.vrt.alignment_chunk and lean.vrt.remat_stages and lean.vrt.remat_attention
+    frames, spikes = inputs(k=lean.spike_bins)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(frames.shape), jnp.float32)
     results = []
-    for lean in (False, True):
-        vrt = preset("small_fixture", **dict(TINY, depths=(1,) * 9), remat="full" if lean else "none",
-                     remat_stages=lean, remat_attention=lean, alignment_chunk=2 if lean else 0)
-        config = VRTWithSpikeConfig(vrt=vrt, spike_bins=4, fusion_chunk_rows=32 if lean else 0)
+    for config in (plain, lean):
         graphdef, params, rest = nnx.split(VRTWithSpike(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
         def loss(params, graphdef=graphdef, rest=rest):
