@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import importlib.util
 import json
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # the XLA:CPU options of every entry point, before jax starts
+runtime.set_cpu_xla_flags()   # the XLA:CPU options of every entry point, before jax starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -150,6 +151,10 @@ def run_phase(name, jitted, make_args, args, peak_tflops, call=None):
     <profile_dir>/<phase>) after the timed ones, so the profiler does not touch the medians."""
     from vrtspike_jax.train import train_lib
 
+    # What an earlier phase or the model's eager initialisation compiled is dropped first: each phase's memory is its
+    # own, as in a process that runs only that phase (and as training holds it).
+    gc.collect()
+    jax.clear_caches()
     _reset_hwm()
     progress(f"{name}: tracing and lowering")
     compiled, lower_s, compile_s = train_lib.lower_and_compile(jitted, make_args(0), name, emit=progress)

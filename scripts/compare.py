@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+runtime.set_cpu_xla_flags()   # before jax starts (XLA reads its flags once)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+runtime.set_cpu_xla_flags()   # before jax starts (XLA reads its flags once)
 
 import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402

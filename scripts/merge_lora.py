@@ -24,7 +24,7 @@ from pathlib import Path
 from vrtspike_jax import runtime
 from vrtspike_jax.cli import ArgumentParser, UsageError, exit_with_error
 
-runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+runtime.set_cpu_xla_flags()   # before jax starts (XLA reads its flags once)
 
 
 def merge_checkpoint(checkpoint: str, output: str, which: str = "best", step: int | None = None) -> Path:

@@ -37,7 +37,7 @@ from typing import Any, Dict
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+runtime.set_cpu_xla_flags()   # before jax starts (XLA reads its flags once)
 
 from data_pipelines import fileio  # noqa: E402
 from data_pipelines.errors import DataError  # noqa: E402

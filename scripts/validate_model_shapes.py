@@ -19,7 +19,7 @@ import sys
 
 from vrtspike_jax import runtime
 
-runtime.prefer_memory_scheduler_on_cpu()   # before jax starts (XLA reads its flags once)
+runtime.set_cpu_xla_flags()   # before jax starts (XLA reads its flags once)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

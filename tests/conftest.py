@@ -12,7 +12,7 @@ from vrtspike_jax import runtime
 # The test session's XLA settings, before any test starts jax: helpers.TEST_XLA_FLAGS, then the memory scheduler as
 # every entry point does.
 os.environ["XLA_FLAGS"] = testing.with_xla_flags(os.environ.get("XLA_FLAGS", ""))
-runtime.prefer_memory_scheduler_on_cpu()
+runtime.set_cpu_xla_flags()
 
 # One persistent compilation cache for the whole session: this process, the xdist workers (they inherit the
 # environment of the process that starts them) and every subprocess (helpers.subprocess_env copies the environment).

@@ -1,6 +1,7 @@
-"""The process-level XLA setting the entry points make (vrtspike_jax/runtime.py): the memory-minimising XLA:CPU
-scheduler on single-device CPU hosts only, never over the user's choice; importing the package changes nothing; the
-opt-in reduction flag the docs name is one this XLA accepts."""
+"""The process-level XLA settings the entry points make (vrtspike_jax/runtime.py): XLA's own convolution kernels on
+CPU-only hosts, the memory-minimising XLA:CPU scheduler on single-device CPU hosts only, neither over the user's
+choice; importing the package changes nothing; the flags the docs name are ones this XLA accepts and computes right
+with."""
 import os
 import subprocess
 import sys
@@ -21,20 +22,58 @@ def _host(monkeypatch, flags, platforms, keep):
         monkeypatch.setenv("VRTSPIKE_KEEP_XLA_FLAGS", keep)
 
 
-@pytest.mark.parametrize("flags, platforms, keep, added", [
-    ("", "cpu", None, True),
-    ("--xla_backend_optimization_level=0", "cpu", None, True),
-    ("", "cuda", None, False),                                                    # accelerator host
-    ("--xla_force_host_platform_device_count=8", "cpu", None, False),           # fsdp collectives deadlock with it
-    ("--xla_force_host_platform_device_count=1", "cpu", None, True),
-    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", "cpu", None, False),  # the user's own choice
-    ("", "cpu", "1", False),                                                      # opt-out
+@pytest.mark.parametrize("flags, platforms, keep, scheduler, conv", [
+    ("", "cpu", None, True, True),
+    ("--xla_backend_optimization_level=0", "cpu", None, True, True),
+    ("", "cuda", None, False, False),                                                    # accelerator host
+    ("--xla_force_host_platform_device_count=8", "cpu", None, False, True),    # fsdp collectives deadlock with it
+    ("--xla_force_host_platform_device_count=1", "cpu", None, True, True),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", "cpu", None, False, True),  # the user's own choice
+    ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "cpu", None, True, False),        # the user's own choice
+    ("", "cpu", "1", False, False),                                                      # opt-out
 ])
-def test_memory_scheduler_flag_only_where_safe(monkeypatch, flags, platforms, keep, added):
+def test_cpu_flags_only_where_safe_and_never_over_the_users_choice(monkeypatch, flags, platforms, keep, scheduler,
+                                                                   conv):
     _host(monkeypatch, flags, platforms, keep)
-    assert runtime.prefer_memory_scheduler_on_cpu() is added
-    assert (runtime.CPU_SCHEDULER_FLAG in os.environ["XLA_FLAGS"].split()) is added
+    added = runtime.set_cpu_xla_flags()
+    assert added == [f for f, want in ((runtime.CPU_CONV_FLAG, conv), (runtime.CPU_SCHEDULER_FLAG, scheduler)) if want]
+    assert (runtime.CPU_SCHEDULER_FLAG in os.environ["XLA_FLAGS"].split()) is scheduler
+    assert (runtime.CPU_CONV_FLAG in os.environ["XLA_FLAGS"].split()) is conv
     assert all(f in os.environ["XLA_FLAGS"].split() for f in flags.split())  # nothing of the user's removed
+    assert runtime.set_cpu_xla_flags() == []                                 # a second call adds nothing
+
+
+_CONV_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+x = np.random.default_rng(0).standard_normal((1, 16, 16, 32)).astype(np.float32)
+w = np.random.default_rng(1).standard_normal((3, 3, 32, 48)).astype(np.float32)
+conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+program = conv.lower(x, w).compile().as_text()
+xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 16, j:j + 16], w[i, j].astype(np.float64))
+          for i in range(3) for j in range(3))
+print("__ynn_fusion" in program, float(np.linalg.norm(np.asarray(conv(x, w)) - ref) / np.linalg.norm(ref)))
+"""
+
+
+@pytest.mark.parametrize("flag", ["conv", "reduce"])
+def test_the_kernel_flags_are_ones_this_xla_accepts_and_convolve_right(flag):
+    """XLA refuses to start on a flag it does not know. With CPU_CONV_FLAG (set by the entry points) or the opt-in
+    CPU_REDUCE_FLAG a 3x3 convolution that YNNPACK would take runs on XLA's own kernel and matches a float64
+    reference; without either it is YNNPACK's (so the probe would see a change of kernel)."""
+    env = testing.subprocess_env()
+    plain = " ".join(f for f in env.get("XLA_FLAGS", "").split() if runtime.YNN_FUSION_OPTION not in f)
+    outputs = {}
+    for name, extra in (("none", ""), (flag, runtime.CPU_CONV_FLAG if flag == "conv" else runtime.CPU_REDUCE_FLAG)):
+        env["XLA_FLAGS"] = f"{plain} {extra}".strip()
+        run = subprocess.run([sys.executable, "-c", _CONV_PROBE], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        uses_ynn, error = run.stdout.split()[-2:]
+        outputs[name] = (uses_ynn == "True", float(error))
+    assert outputs["none"][0] and not outputs[flag][0], outputs
+    assert outputs[flag][1] < 1e-6, outputs
 
 
 def test_the_reduce_flag_is_one_this_xla_accepts():
@@ -72,4 +111,5 @@ def test_importing_the_package_changes_no_process_setting():
                          cwd=testing.REPO_ROOT)
     assert run.returncode == 0 and runtime.CPU_SCHEDULER_FLAG in run.stdout.strip().splitlines()[-1], \
         run.stdout + run.stderr
+    assert runtime.CPU_CONV_FLAG in run.stdout.strip().splitlines()[-1]
     assert runtime.CPU_REDUCE_FLAG not in run.stdout.strip().splitlines()[-1]

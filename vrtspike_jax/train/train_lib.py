@@ -695,6 +695,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                                                          config.global_batch_size)
     else:
         params, train_state = setup.init_state(factory.initial_params(config), config.seed)
+        # The model's eager initialisation compiled dozens of small programs that never run again; dropped, they give
+        # back about 0.1 GiB of host memory before the step compiles (plain VRT, 2026-12-02).
+        jax.clear_caches()
     if is_main:
         record = write_run_record(workdir, config_dict, start_step=start_step, resumed_from=resumed_from,
                                   extra={"num_parameters": setup.num_params, "mesh": dict(mesh.shape),
