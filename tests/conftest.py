@@ -9,8 +9,8 @@ from pathlib import Path
 import helpers as testing
 from vrtspike_jax import runtime
 
-# The test session's XLA settings, before any test starts jax: helpers.TEST_XLA_FLAGS, then the memory scheduler as
-# every entry point does.
+# The test session's XLA settings, before any test starts jax: helpers.TEST_XLA_FLAGS, then the CPU flags every entry
+# point sets (runtime.set_cpu_xla_flags: XLA's own convolution kernels, the memory scheduler).
 os.environ["XLA_FLAGS"] = testing.with_xla_flags(os.environ.get("XLA_FLAGS", ""))
 runtime.set_cpu_xla_flags()
 
