@@ -29,9 +29,9 @@ fsdp=4, every thread asleep in the first step; the default scheduler runs the sa
 Not set by default: CPU_REDUCE_FLAG, XLA's own kernels for reductions (and, as CPU_CONV_FLAG, convolutions) instead
 of YNNPACK's. It made the 1x6x64x64 plain-VRT train step 17 % faster on this project's 2-core CPU (28.1 -> 23.2 s,
 docs/PERFORMANCE.md), but XLA's reductions round more: a float32 sum over 49,152 rows (a bias gradient's sum at
-batch 2 x 6 frames x 64x64) is off by 3.4e-6 relative instead of 1.3e-7, and a two-process run then matches the one-
-process run only to 2e-5 after one step instead of 1e-6. Add it to XLA_FLAGS yourself where speed matters more than
-that on a CPU host (jaxlib 0.10 knows it; an XLA without the option refuses to start).
+batch 2 x 6 frames x 64x64) is off by 3.4e-6 relative instead of 1.3e-7, and a two-process run then matches the
+one-process run only to 2e-5 after one step instead of 1e-6. Add it to XLA_FLAGS yourself where speed matters more
+than that on a CPU host (jaxlib 0.10 knows it; an XLA without the option refuses to start).
 """
 from __future__ import annotations
 
