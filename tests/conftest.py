@@ -151,3 +151,20 @@ def pytest_collection_modifyitems(config, items):
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (_rank(item.nodeid.split("::")[0] if item.get_closest_marker("xdist_group")
                                        else item.nodeid), order[id(item)]))
+
+
+def pytest_collection_finish(session):
+    """Says so when pytest-xdist ignored the groups above: `--dist loadgroup` puts a group's tests on one worker only
+    if their node ids carry its `@group` suffix, which pytest-xdist 3.8 cannot add under pytest 9.2
+    (pytest-dev/pytest-xdist#1386; setup.py's test extra keeps pytest below 9.2). The tests still pass, but every
+    module fixture is then made on both workers: the suite does its longest work twice."""
+    if not hasattr(session.config, "workerinput"):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rpartition("::")[2]]
+    if lost:
+        import warnings
+
+        warnings.warn(f"pytest-xdist ignored the test groups of {len(lost)} tests, e.g. {lost[0]} (pytest "
+                      f"{pytest.__version__}): their module fixtures are made on both workers; install the test extra "
+                      "(pip install -e '.[test]'), see pytest-dev/pytest-xdist#1386")
