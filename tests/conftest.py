@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import helpers as testing
@@ -163,8 +164,6 @@ def pytest_collection_finish(session):
     lost = [item.nodeid for item in session.items
             if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rpartition("::")[2]]
     if lost:
-        import warnings
-
         warnings.warn(f"pytest-xdist ignored the test groups of {len(lost)} tests, e.g. {lost[0]} (pytest "
                       f"{pytest.__version__}): their module fixtures are made on both workers; install the test extra "
                       "(pip install -e '.[test]'), see pytest-dev/pytest-xdist#1386")
