@@ -3,6 +3,7 @@ import ast
 import json
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,6 +204,16 @@ def missing_names(model, params):
 def test_a_removed_key_is_named_exactly(deblur_model, deblur_keys, key):
     params = {k: np.zeros(shape, np.float32) for k, shape in deblur_keys.items() if k != key}
     assert missing_names(deblur_model, params) == ("missing 1 parameter(s)", [key])
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(deblur_model, deblur_keys):
+    """Every key is checked before any parameter is written: a file with one key missing changes nothing."""
+    before = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(deblur_model, nnx.Param))]
+    keys = list(deblur_keys)
+    params = {k: np.ones(deblur_keys[k], np.float32) for k in keys[:-1]}
+    assert missing_names(deblur_model, params) == ("missing 1 parameter(s)", [keys[-1]])
+    after = jax.tree.leaves(nnx.state(deblur_model, nnx.Param))
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
 
 
 def test_every_removed_key_of_the_deblur_checkpoint_is_named_exactly(deblur_model, deblur_keys):

@@ -307,9 +307,11 @@ def _expected_buffer(key: str, model: VRT) -> Optional[np.ndarray]:
 def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray],
                          source: str = "state_dict") -> VRT:
     """Fills every parameter of `model` from official `params`; checks `buffers`. Raises CheckpointError naming
-    the file (`source`) and each missing, extra or mis-shaped key."""
+    the file (`source`) and each missing, extra or mis-shaped key; then the model is left as it was (every key is
+    checked before any parameter is written)."""
     ours = official_parameter_slots(model)
     filled = {}
+    values = {}
     problems = []
     for key, value in params.items():
         mapped = official_key_to_path(key, model.config)
@@ -331,7 +333,7 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
             problems.append(f"key {key!r} fills {'.'.join(map(str, path))}, already filled by {filled[path]!r}")
             continue
         filled[path] = key
-        target[...] = jnp.asarray(array, target[...].dtype)
+        values[path] = array
     missing = [p for p in ours if p not in filled]
     if missing:
         official = sorted(official_key_of_path(p, model.config) for p in missing)
@@ -353,7 +355,21 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
                             f"(max |diff| {np.abs(value - expected).max():.3g})")
     if problems:
         raise CheckpointError(f"{source}: cannot load into VRT({_short(model.config)}):\n  " + "\n  ".join(problems))
+    _write_slots(ours, values)
     return model
+
+
+def _write_slots(slots: Mapping[tuple, Any], values: Mapping[tuple, np.ndarray]) -> None:
+    """Writes `values` (every slot's array) into the model: each parameter once, a TMSA group's stacked parameter
+    from its blocks' arrays stacked in block order."""
+    stacked: Dict[int, Tuple[nnx.Param, Dict[int, np.ndarray]]] = {}
+    for path, slot in slots.items():
+        if isinstance(slot, _BlockSlot):
+            stacked.setdefault(id(slot.param), (slot.param, {}))[1][slot.index] = values[path]
+        else:
+            slot[...] = jnp.asarray(values[path], slot[...].dtype)
+    for param, blocks in stacked.values():
+        param[...] = jnp.asarray(np.stack([blocks[i] for i in range(len(blocks))]), param[...].dtype)
 
 
 def _official_shape(our_shape, fn):
