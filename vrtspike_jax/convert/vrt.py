@@ -483,8 +483,7 @@ def load_official_weights_into(model, path):
                      f"{tuple(ours[p].shape)}" for p in ours if p in flat and flat[p].shape != tuple(ours[p].shape)]
         if problems:
             raise CheckpointError(f"{path}: cannot load into VRT({_short(vrt.config)}):\n  " + "\n  ".join(problems))
-        for p, var in ours.items():
-            var[...] = jnp.asarray(flat[p], var[...].dtype)
+        _write_slots(ours, flat)
         return model
     params, buffers = read_state_dict(path)
     load_state_dict_into(vrt, params, buffers, source=os.fspath(path))
