@@ -91,7 +91,7 @@ def checkpoint(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("run")
     model = build_tiny_model(seed=3)
-    params = nnx.split(model, nnx.Param, ...)[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
     config = {"model": json.loads(json.dumps(TINY_MODEL)), "data": {"root": None, "stats_file": None}}
     manager = RunCheckpoints(workdir, async_save=False)
     manager.save_last(1, params, {"step": np.asarray(1)}, {"next_step": 1}, config, force=True)
