@@ -241,8 +241,8 @@ def _model_params(model) -> Dict[tuple, nnx.Param]:
 
 
 class _BlockSlot:
-    """Block i's part of a TMSA group's stacked parameter (leading axis: the block), read and written like a
-    parameter: `slot.shape`, `slot[...]`, `slot[...] = value`."""
+    """Block i's part of a TMSA group's stacked parameter (leading axis: the block), read like a parameter:
+    `slot.shape`, `slot[...]`. Loading writes the whole stack at once (`_write_slots`), not block by block."""
 
     def __init__(self, param: nnx.Param, index: int):
         self.param = param
@@ -254,11 +254,6 @@ class _BlockSlot:
 
     def __getitem__(self, item):
         return self.param[...][self.index][item]
-
-    def __setitem__(self, item, value):
-        if item is not Ellipsis:
-            raise TypeError("a block slot is written whole: slot[...] = value")
-        self.param[...] = self.param[...].at[self.index].set(value)
 
 
 def official_parameter_slots(model) -> Dict[tuple, Any]:
@@ -310,8 +305,7 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
     the file (`source`) and each missing, extra or mis-shaped key; then the model is left as it was (every key is
     checked before any parameter is written)."""
     ours = official_parameter_slots(model)
-    filled = {}
-    values = {}
+    filled = {}   # path -> (official key, array)
     problems = []
     for key, value in params.items():
         mapped = official_key_to_path(key, model.config)
@@ -330,10 +324,9 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
                             f"{_official_shape(tuple(target.shape), fn)}")
             continue
         if path in filled:
-            problems.append(f"key {key!r} fills {'.'.join(map(str, path))}, already filled by {filled[path]!r}")
+            problems.append(f"key {key!r} fills {'.'.join(map(str, path))}, already filled by {filled[path][0]!r}")
             continue
-        filled[path] = key
-        values[path] = array
+        filled[path] = (key, array)
     missing = [p for p in ours if p not in filled]
     if missing:
         official = sorted(official_key_of_path(p, model.config) for p in missing)
@@ -355,7 +348,7 @@ def load_state_dict_into(model: VRT, params: Mapping[str, np.ndarray], buffers: 
                             f"(max |diff| {np.abs(value - expected).max():.3g})")
     if problems:
         raise CheckpointError(f"{source}: cannot load into VRT({_short(model.config)}):\n  " + "\n  ".join(problems))
-    _write_slots(ours, values)
+    _write_slots(ours, {path: array for path, (_, array) in filled.items()})
     return model
 
 
