@@ -15,9 +15,15 @@ scripts/memory_breakdown.py, whose attribution this script shares). So the repor
 part, sub-part (attention, mlp, parallel_warp, ...), pass (forward `jvp`, backward `transpose`) and op kind takes.
 
 Times are self times: an event's duration less the events nested in it on the same thread (XLA:CPU traces the
-instructions inside loops, not the loop). Several instructions can run at once (XLA:CPU's thunk executor runs
-independent ones concurrently), so the sum of self times can differ from the call's wall time; both are printed,
-and the shares are of the sum. The kernel kind of an instruction is the heaviest operation it contains
+instructions inside loops, not the loop), plus, for convolutions and dots, their asynchronous tails. XLA:CPU runs
+those two on Eigen's thread pool: the traced event ends when the kernel is launched, and the work goes on with no
+event on any thread (in the tiny step, 2026-12-03: 63 ms of convolution events, then 559 ms of stretches in which
+no traced instruction ran, each right after a convolution was launched). So every stretch of at least
+MIN_ASYNC_GAP_US in which no traced instruction runs is attributed to the convolution or dot started last before it;
+shorter stretches are the executor's own time between instructions and stay unattributed. Several instructions can
+run at once (XLA:CPU's thunk executor runs independent ones concurrently), so the sum can differ from the call's
+wall time; the report prints the self times, the tails, what stayed unattributed and the call's time, and the
+shares are of the attributed sum. The kernel kind of an instruction is the heaviest operation it contains
 (convolution > dot > scatter > gather > reduce-window > reduce > sort > copy/transpose > elementwise).
 
 Output: tables by part, by (part, sub-part, pass), by innermost sub-part, by op kind (the JAX primitive), by kernel
@@ -45,6 +51,9 @@ from memory_breakdown import (BENCHMARK, MODULE, UNKNOWN, BreakdownError, Instru
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 PHASE_MODULES = {"train": MODULE, "forward": "jit_forward"}   # benchmark.py's phase -> its jitted function
+# Instructions XLA:CPU launches on Eigen's thread pool and completes after their traced event (module docstring).
+ASYNC_OPCODES = ("convolution", "dot")
+MIN_ASYNC_GAP_US = 50.0
 # Heaviest first: a fusion's kernel kind is the first of these its fused computation contains.
 KERNEL_KINDS = (("convolution", "convolution"), ("dot", "dot"), ("scatter", "scatter"), ("gather", "gather"),
                 ("reduce-window", "reduce-window"), ("select-and-scatter", "reduce-window"), ("reduce", "reduce"),
@@ -123,6 +132,37 @@ def self_times(events: List[Tuple[object, float, float, str]]) -> Dict[str, floa
     return dict(totals)
 
 
+def async_tails(events: List[Tuple[object, float, float, str]], instructions: Dict[str, Instruction],
+                min_gap_us: float = MIN_ASYNC_GAP_US) -> Tuple[Dict[str, float], float, float]:
+    """The traced call's idle stretches (no traced instruction running on any thread), in microseconds. One of at
+    least `min_gap_us` goes to the instruction with an opcode in ASYNC_OPCODES that the executor waited for: the
+    one, among the operands of the instruction that ends the stretch, started last before it; when that instruction
+    has no such operand, the one started last of all. Returns ({instruction: tail}, the shorter stretches (between
+    instructions), the long stretches with no such instruction before them)."""
+    def is_async(name):
+        return instructions.get(name, UNKNOWN).opcode in ASYNC_OPCODES
+
+    tails = collections.Counter()
+    between = unattributed = 0.0
+    busy_until, last_async, started = None, None, {}
+    for _, start, duration, name in sorted(events, key=lambda e: e[1]):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            waited = [o for o in instructions.get(name, UNKNOWN).operands if o in started and is_async(o)]
+            owner = max(waited, key=started.get) if waited else last_async
+            if gap < min_gap_us:
+                between += gap
+            elif owner is not None:
+                tails[owner] += gap
+            else:
+                unattributed += gap
+        busy_until = start + duration if busy_until is None else max(busy_until, start + duration)
+        started[name] = start
+        if is_async(name):
+            last_async = name
+    return dict(tails), between, unattributed
+
+
 def kernel_kinds(instructions: Dict[str, Instruction]) -> Dict[str, Tuple[str, str]]:
     """Instruction -> (kernel kind, JAX name stack). The kind of a fusion is the heaviest opcode in its fused
     computation. The name stack is the instruction's own or, where XLA's rewrites left it without one (a weight
@@ -164,25 +204,32 @@ def breakdown(trace_folder: Path, dump_folder: Path, top: int, module: str = MOD
     """The time breakdown of the traced call of `module` (see the module docstring)."""
     instructions = read_instructions(find_dump_file(dump_folder, ".txt", module).read_text().splitlines())
     kinds = kernel_kinds(instructions)
-    times = self_times(read_trace(trace_folder, module))
+    events = read_trace(trace_folder, module)
+    times = self_times(events)
+    tails, between, unattributed = async_tails(events, instructions)
     rows = []
     for name, us in times.items():
         i = instructions.get(name, UNKNOWN)
         kind, op_name = kinds.get(name, ("?", ""))
-        row = dict(classify(i.opcode, op_name), instruction=name, seconds=us / 1e6, shape=i.shape, op_name=op_name,
-                   kernel=kind)
+        tail = tails.get(name, 0.0)
+        row = dict(classify(i.opcode, op_name), instruction=name, seconds=(us + tail) / 1e6, self_seconds=us / 1e6,
+                   async_seconds=tail / 1e6, shape=i.shape, op_name=op_name, kernel=kind)
         row["inner_sub_part"] = row["sub_part"].split("/")[-1]
         rows.append(row)
     total = sum(r["seconds"] for r in rows)
 
     def table(keys):
-        sums = collections.Counter()
+        sums, tails = collections.Counter(), collections.Counter()
         for row in rows:
             sums[tuple(row[k] for k in keys)] += row["seconds"]
-        return [dict(zip(keys, key), seconds=s, share=s / total) for key, s in sums.most_common(top)]
+            tails[tuple(row[k] for k in keys)] += row["async_seconds"]
+        return [dict(zip(keys, key), seconds=s, async_seconds=tails[key], share=s / total)
+                for key, s in sums.most_common(top)]
 
     unknown = sum(1 for name in times if name not in instructions)
-    return {"traced_seconds": total, "instructions": len(rows), "not_in_hlo": unknown,
+    return {"traced_seconds": sum(times.values()) / 1e6, "async_seconds": sum(tails.values()) / 1e6,
+            "attributed_seconds": total, "between_seconds": between / 1e6,
+            "unattributed_seconds": unattributed / 1e6, "instructions": len(rows), "not_in_hlo": unknown,
             "by_part": table(["part"]), "by_part_and_sub_part": table(["part", "sub_part", "pass"]),
             "by_inner_sub_part": table(["inner_sub_part"]), "by_pass": table(["pass"]),
             "by_op": table(["pass", "op"]), "by_kernel": table(["kernel"]),
@@ -193,22 +240,27 @@ def print_report(result: dict) -> None:
     b = result.get("benchmark") or {}
     wall = b.get("profiled_call_s")
     print(f"traced call: {result['traced_seconds']:.3f} s of instruction self time over {result['instructions']} "
-          f"instructions" + (f"; the call took {wall:.3f} s" if wall else "") +
-          (f" (timed median without the profiler: {b['median_s']:.3f} s)" if b.get("median_s") else ""))
+          f"instructions, {result['async_seconds']:.3f} s of convolutions' and dots' work after their launch "
+          f"(asynchronous), {result['between_seconds']:.3f} s between instructions and "
+          f"{result['unattributed_seconds']:.3f} s of other idle stretches (unattributed)" +
+          (f"; the call took {wall:.3f} s" if wall else "") +
+          (f" (timed median without the profiler: {b['median_s']:.3f} s)" if b.get("median_s") else "") +
+          f". Shares are of the {result['attributed_seconds']:.3f} s attributed.")
     for title, key, names in (("by part", "by_part", ["part"]), ("by pass", "by_pass", ["pass"]),
                               ("by part, sub-part and pass", "by_part_and_sub_part", ["part", "sub_part", "pass"]),
                               ("by innermost sub-part", "by_inner_sub_part", ["inner_sub_part"]),
                               ("by op kind (JAX primitive)", "by_op", ["pass", "op"]),
                               ("by kernel kind (the heaviest operation of each fusion)", "by_kernel", ["kernel"])):
         print(f"\n{title}:")
-        print(" | ".join(names + ["s", "share"]))
+        print(" | ".join(names + ["s", "of it asynchronous", "share"]))
         for row in result[key]:
-            print(" | ".join([str(row[k]) for k in names] + [f"{row['seconds']:.3f}", f"{row['share']:.1%}"]))
+            print(" | ".join([str(row[k]) for k in names] + [f"{row['seconds']:.3f}", f"{row['async_seconds']:.3f}",
+                                                             f"{row['share']:.1%}"]))
     print("\nslowest instructions:")
-    print("s | share | kernel | shape | part | sub_part | pass | op | instruction")
+    print("s | of it asynchronous | share | kernel | shape | part | sub_part | pass | op | instruction")
     for r in result["slowest"]:
-        print(f"{r['seconds']:.3f} | {r['share']:.1%} | {r['kernel']} | {r['shape']} | {r['part']} | "
-              f"{r['sub_part']} | {r['pass']} | {r['op']} | {r['instruction']}")
+        print(f"{r['seconds']:.3f} | {r['async_seconds']:.3f} | {r['share']:.1%} | {r['kernel']} | {r['shape']} | "
+              f"{r['part']} | {r['sub_part']} | {r['pass']} | {r['op']} | {r['instruction']}")
 
 
 def main(argv=None) -> int:
