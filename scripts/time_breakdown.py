@@ -17,14 +17,15 @@ part, sub-part (attention, mlp, parallel_warp, ...), pass (forward `jvp`, backwa
 Times are self times: an event's duration less the events nested in it on the same thread (XLA:CPU traces the
 instructions inside loops, not the loop), plus, for convolutions and dots, their asynchronous tails. XLA:CPU runs
 those two on Eigen's thread pool: the traced event ends when the kernel is launched, and the work goes on with no
-event on any thread (in the tiny step, 2026-12-03: 63 ms of convolution events, then 559 ms of stretches in which
-no traced instruction ran, each right after a convolution was launched). So every stretch of at least
-MIN_ASYNC_GAP_US in which no traced instruction runs is attributed to the convolution or dot started last before it;
-shorter stretches are the executor's own time between instructions and stay unattributed. Several instructions can
-run at once (XLA:CPU's thunk executor runs independent ones concurrently), so the sum can differ from the call's
-wall time; the report prints the self times, the tails, what stayed unattributed and the call's time, and the
-shares are of the attributed sum. The kernel kind of an instruction is the heaviest operation it contains
-(convolution > dot > scatter > gather > reduce-window > reduce > sort > copy/transpose > elementwise).
+event on any thread (in the tiny step, 2026-12-03: 63 ms of convolution events in a 1.38 s call with 0.61 s of
+stretches in which no traced instruction ran, 0.33 s of them starting as a convolution's launch ended). So every
+stretch of at least MIN_ASYNC_GAP_US in which no traced instruction runs is attributed to the convolution or dot
+the executor waited for (`async_tails`); shorter stretches are the executor's own time between instructions and
+stay unattributed. Several instructions can run at once (XLA:CPU's thunk executor runs independent ones
+concurrently), so the sum can differ from the call's wall time; the report prints the self times, the tails,
+what stayed unattributed and the call's time, and the shares are of the attributed sum. The kernel kind of an
+instruction is the heaviest operation it contains (convolution > dot > scatter > gather > reduce-window > reduce >
+sort > copy/transpose > elementwise).
 
 Output: tables by part, by (part, sub-part, pass), by innermost sub-part, by op kind (the JAX primitive), by kernel
 kind and the slowest instructions. `--json` writes them all; `--keep DIR` keeps the trace and XLA's dump. Exit
@@ -219,11 +220,11 @@ def breakdown(trace_folder: Path, dump_folder: Path, top: int, module: str = MOD
     total = sum(r["seconds"] for r in rows)
 
     def table(keys):
-        sums, tails = collections.Counter(), collections.Counter()
+        sums, asynchronous = collections.Counter(), collections.Counter()
         for row in rows:
             sums[tuple(row[k] for k in keys)] += row["seconds"]
-            tails[tuple(row[k] for k in keys)] += row["async_seconds"]
-        return [dict(zip(keys, key), seconds=s, async_seconds=tails[key], share=s / total)
+            asynchronous[tuple(row[k] for k in keys)] += row["async_seconds"]
+        return [dict(zip(keys, key), seconds=s, async_seconds=asynchronous[key], share=s / total)
                 for key, s in sums.most_common(top)]
 
     unknown = sum(1 for name in times if name not in instructions)
