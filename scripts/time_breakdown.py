@@ -149,14 +149,15 @@ def async_tails(events: List[Tuple[object, float, float, str]], instructions: Di
     for _, start, duration, name in sorted(events, key=lambda e: e[1]):
         if busy_until is not None and start > busy_until:
             gap = start - busy_until
-            waited = [o for o in instructions.get(name, UNKNOWN).operands if o in started and is_async(o)]
-            owner = max(waited, key=started.get) if waited else last_async
             if gap < min_gap_us:
                 between += gap
-            elif owner is not None:
-                tails[owner] += gap
             else:
-                unattributed += gap
+                waited = [o for o in instructions.get(name, UNKNOWN).operands if o in started and is_async(o)]
+                owner = max(waited, key=started.get) if waited else last_async
+                if owner is not None:
+                    tails[owner] += gap
+                else:
+                    unattributed += gap
         busy_until = start + duration if busy_until is None else max(busy_until, start + duration)
         started[name] = start
         if is_async(name):
@@ -213,8 +214,8 @@ def breakdown(trace_folder: Path, dump_folder: Path, top: int, module: str = MOD
         i = instructions.get(name, UNKNOWN)
         kind, op_name = kinds.get(name, ("?", ""))
         tail = tails.get(name, 0.0)
-        row = dict(classify(i.opcode, op_name), instruction=name, seconds=(us + tail) / 1e6, self_seconds=us / 1e6,
-                   async_seconds=tail / 1e6, shape=i.shape, op_name=op_name, kernel=kind)
+        row = dict(classify(i.opcode, op_name), instruction=name, seconds=(us + tail) / 1e6, async_seconds=tail / 1e6,
+                   shape=i.shape, op_name=op_name, kernel=kind)
         row["inner_sub_part"] = row["sub_part"].split("/")[-1]
         rows.append(row)
     total = sum(r["seconds"] for r in rows)
